@@ -1,0 +1,218 @@
+"""Every tunable of the daemon, typed, read from the environment and `.env`.
+
+Names are grouped by prefix (`spot_*`, `futures_*`, `global_*`, `health_*`, `paper_*`, ...) and map
+one-to-one to upper-case environment variables. `load_settings()` reports every problem at once, one
+line each naming the variable, so a bad `.env` is fixed in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.errors import ConfigError
+
+EX_CONFIG = 78
+
+Pct = Annotated[float, Field(ge=0, le=100)]
+PositivePct = Annotated[float, Field(gt=0, le=100)]
+Seconds = Annotated[float, Field(gt=0, le=86_400 * 7)]
+
+TIMEFRAME_SECONDS = {"1m": 60, "5m": 300, "15m": 900, "30m": 1800, "1h": 3600, "4h": 14_400, "1d": 86_400}
+
+SECRET_FIELDS = ("binance_api_key", "binance_api_secret", "telegram_bot_token")
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- environment ---------------------------------------------------------------------------
+    trading_mode: Literal["paper", "testnet", "live"] = "paper"
+    binance_api_key: SecretStr | None = None
+    binance_api_secret: SecretStr | None = None
+    telegram_bot_token: SecretStr | None = None
+    telegram_chat_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    telegram_allowed_user_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    data_dir: Path = Path("var")
+    log_format: Literal["console", "json", "auto"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    exchange_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    startup_stage_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 60.0
+
+    # --- paper trading and replay ----------------------------------------------------------------
+    paper_starting_balance: Annotated[Decimal, Field(gt=0)] = Decimal("10000")
+    paper_taker_fee_pct: Annotated[Decimal, Field(ge=0, le=5)] = Decimal("0.1")
+    paper_maker_fee_pct: Annotated[Decimal, Field(ge=0, le=5)] = Decimal("0.1")
+    paper_slippage_bps: Annotated[Decimal, Field(ge=0, le=1000)] = Decimal("5")
+    paper_spread_bps: Annotated[Decimal, Field(ge=0, le=1000)] = Decimal("2")
+    replay_speed: Annotated[float, Field(gt=0, le=1_000_000)] = 600.0
+    replay_warmup_bars: Annotated[int, Field(ge=0, le=10_000)] = 200
+
+    # --- spot engine -----------------------------------------------------------------------------
+    spot_enabled: bool = True
+    spot_allocation_pct: Pct = 60.0
+    spot_symbols: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
+    )
+    spot_timeframe: str = "5m"
+    spot_scan_interval_seconds: Seconds = 60.0
+    spot_monitor_interval_seconds: Seconds = 5.0
+    spot_position_size_pct: PositivePct = 20.0
+    spot_max_positions: Annotated[int, Field(ge=1, le=100)] = 3
+    spot_stop_loss_pct: Annotated[float, Field(gt=0, le=50)] = 1.5
+    spot_take_profit_pct: Annotated[float, Field(gt=0, le=500)] = 2.0
+    spot_max_data_age_seconds: Seconds = 120.0
+    spot_ema_fast: Annotated[int, Field(ge=2, le=500)] = 9
+    spot_ema_slow: Annotated[int, Field(ge=3, le=1000)] = 21
+    spot_rsi_period: Annotated[int, Field(ge=2, le=500)] = 14
+    spot_rsi_min: Pct = 50.0
+    spot_rsi_max: Pct = 75.0
+    spot_momentum_lookback: Annotated[int, Field(ge=1, le=500)] = 6
+    spot_min_momentum_pct: Annotated[float, Field(ge=0, le=100)] = 0.3
+    spot_volume_factor: Annotated[float, Field(ge=0, le=100)] = 1.0
+
+    # --- futures engine --------------------------------------------------------------------------
+    futures_enabled: bool = False
+    futures_allocation_pct: Pct = 40.0
+
+    # --- global risk -----------------------------------------------------------------------------
+    global_max_daily_loss_pct: PositivePct = 5.0
+    global_max_drawdown_pct: PositivePct = 15.0
+    global_circuit_breaker_cooldown_minutes: Annotated[float, Field(gt=0, le=60 * 24 * 30)] = 60.0
+    global_kill_switch_loss_pct: PositivePct = 25.0
+    global_flatten_on_trip: bool = False
+
+    # --- health and supervision ------------------------------------------------------------------
+    health_warning_seconds: Seconds = 60.0
+    health_restart_seconds: Seconds = 300.0
+    health_check_interval_seconds: Seconds = 5.0
+    health_max_restarts: Annotated[int, Field(ge=0, le=1000)] = 5
+    health_restart_window_seconds: Seconds = 3600.0
+    health_stop_timeout_seconds: Seconds = 10.0
+    health_backoff_base_seconds: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    health_backoff_max_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
+
+    @field_validator("telegram_chat_ids", "telegram_allowed_user_ids", "spot_symbols", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("spot_symbols")
+    @classmethod
+    def _symbols_look_like_pairs(cls, value: list[str]) -> list[str]:
+        bad = [s for s in value if "/" not in s]
+        if bad:
+            raise ValueError(f"symbols must look like BASE/QUOTE, got {', '.join(bad)}")
+        if not value:
+            raise ValueError("at least one symbol is needed")
+        return [s.upper() for s in value]
+
+    @field_validator("spot_timeframe")
+    @classmethod
+    def _known_timeframe(cls, value: str) -> str:
+        if value not in TIMEFRAME_SECONDS:
+            raise ValueError(f"unknown timeframe {value!r}; one of {', '.join(TIMEFRAME_SECONDS)}")
+        return value
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite3"
+
+    def enabled_engines(self) -> list[str]:
+        return [name for name, on in (("spot", self.spot_enabled), ("futures", self.futures_enabled)) if on]
+
+    def masked(self) -> dict[str, str]:
+        """Every effective setting as text, secrets shown only as set or unset."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name in SECRET_FIELDS:
+                out[name] = "**********" if value is not None else "(unset)"
+            elif isinstance(value, list):
+                out[name] = ",".join(str(v) for v in value)
+            else:
+                out[name] = str(value)
+        return out
+
+
+def cross_field_problems(s: Settings) -> list[str]:
+    """Rules that involve more than one setting; each problem is one line naming the variables."""
+    problems: list[str] = []
+    total = s.spot_allocation_pct + s.futures_allocation_pct
+    if total > 100:
+        problems.append(
+            f"SPOT_ALLOCATION_PCT + FUTURES_ALLOCATION_PCT: {s.spot_allocation_pct:g} + "
+            f"{s.futures_allocation_pct:g} = {total:g}, must be at most 100"
+        )
+    if s.health_warning_seconds >= s.health_restart_seconds:
+        problems.append(
+            f"HEALTH_WARNING_SECONDS ({s.health_warning_seconds:g}) must be less than "
+            f"HEALTH_RESTART_SECONDS ({s.health_restart_seconds:g})"
+        )
+    if s.health_backoff_base_seconds > s.health_backoff_max_seconds:
+        problems.append("HEALTH_BACKOFF_BASE_SECONDS must not exceed HEALTH_BACKOFF_MAX_SECONDS")
+    if s.trading_mode in ("testnet", "live"):
+        for name in ("binance_api_key", "binance_api_secret"):
+            secret = getattr(s, name)
+            if secret is None or not secret.get_secret_value().strip():
+                problems.append(f"{name.upper()}: required when TRADING_MODE={s.trading_mode}")
+    if s.spot_ema_fast >= s.spot_ema_slow:
+        problems.append(
+            f"SPOT_EMA_FAST ({s.spot_ema_fast}) must be less than SPOT_EMA_SLOW ({s.spot_ema_slow})"
+        )
+    if s.spot_rsi_min >= s.spot_rsi_max:
+        problems.append(
+            f"SPOT_RSI_MIN ({s.spot_rsi_min:g}) must be less than SPOT_RSI_MAX ({s.spot_rsi_max:g})"
+        )
+    if s.futures_enabled:
+        problems.append(
+            "FUTURES_ENABLED: the futures engine is not part of this version yet; set FUTURES_ENABLED=false"
+        )
+    if not s.enabled_engines():
+        problems.append("SPOT_ENABLED / FUTURES_ENABLED: at least one engine must be enabled")
+    if s.global_max_daily_loss_pct > s.global_kill_switch_loss_pct:
+        problems.append(
+            "GLOBAL_MAX_DAILY_LOSS_PCT must not exceed GLOBAL_KILL_SWITCH_LOSS_PCT "
+            "(the breaker must trip before the kill switch)"
+        )
+    if s.telegram_bot_token is not None and not s.telegram_chat_ids:
+        problems.append("TELEGRAM_CHAT_IDS: required when TELEGRAM_BOT_TOKEN is set")
+    if s.telegram_bot_token is not None and not s.telegram_allowed_user_ids:
+        problems.append("TELEGRAM_ALLOWED_USER_IDS: required when TELEGRAM_BOT_TOKEN is set")
+    return problems
+
+
+def _describe(error: Any) -> str:
+    loc = error.get("loc") or ()
+    name = str(loc[0]).upper() if loc else "SETTINGS"
+    value = error.get("input")
+    if name in {f.upper() for f in SECRET_FIELDS}:
+        shown = "(hidden)"
+    else:
+        shown = repr(value) if value is not None and not isinstance(value, dict) else ""
+    msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{name}: {msg}" + (f" (got {shown})" if shown else "")
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+    """Build Settings or raise ConfigError listing every problem, one line each."""
+    try:
+        settings = Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError([_describe(e) for e in exc.errors()]) from None
+    problems = cross_field_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings

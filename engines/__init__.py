@@ -1,0 +1,1 @@
+"""Engines (spot, futures), their indicators and strategies, and the Orchestrator that supervises them."""

@@ -1,0 +1,1 @@
+"""Health, alerts, Telegram, logging, systemd notify and metrics. Never imports `engines`."""

@@ -1,0 +1,107 @@
+"""The small control protocol through which Telegram (and the health endpoint) drive the daemon.
+
+`monitoring` never imports `engines`; the Orchestrator implements `Control`, and the bot only knows
+this page. Every mutating call names who asked (`by`), so the journal records it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Protocol
+
+from core.types import Position, TradingState
+
+ENGINE_TARGETS = ("spot", "futures", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    name: str
+    state: str  # running | paused | restarting | failed | stopped | disabled
+    heartbeat_age: float | None
+    paused: bool
+    restarts: int
+    equity: Decimal
+    open_positions: int
+    realized_pnl: Decimal
+    unrealized_pnl: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    mode: str
+    trading_state: TradingState
+    engines: tuple[EngineStatus, ...]
+    equity: Decimal
+    day_pnl: Decimal
+    day_pnl_pct: Decimal
+    drawdown_pct: Decimal
+    uptime_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerReport:
+    state: TradingState
+    reason: str
+    until: float | None
+    day_start_equity: Decimal
+    peak_equity: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class DailyPnl:
+    day: str  # YYYY-MM-DD (UTC)
+    engine: str
+    realized_pnl: Decimal
+    trades: int
+
+
+@dataclass(frozen=True, slots=True)
+class TradeRecord:
+    ts: float
+    engine: str
+    symbol: str
+    side: str
+    amount: Decimal
+    price: Decimal
+    fee: Decimal
+    realized_pnl: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceReport:
+    engine: str
+    free: dict[str, Decimal] = field(default_factory=dict)
+    total: dict[str, Decimal] = field(default_factory=dict)
+    equity: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    ok: bool
+    message: str
+
+
+class Control(Protocol):
+    async def status(self) -> StatusReport: ...
+
+    async def positions(self) -> list[Position]: ...
+
+    async def balance(self) -> list[BalanceReport]: ...
+
+    async def pnl(self, days: int) -> list[DailyPnl]: ...
+
+    async def trades(self, n: int) -> list[TradeRecord]: ...
+
+    async def pause(self, target: str, by: str) -> CommandResult: ...
+
+    async def resume(self, target: str, by: str) -> CommandResult: ...
+
+    async def restart(self, engine: str, by: str) -> CommandResult: ...
+
+    async def breaker(self) -> BreakerReport: ...
+
+    async def breaker_reset(self, by: str) -> CommandResult: ...
+
+    async def kill(self, by: str) -> CommandResult: ...
