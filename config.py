@@ -104,6 +104,16 @@ class Settings(BaseSettings):
     health_backoff_base_seconds: Annotated[float, Field(ge=0, le=3600)] = 1.0
     health_backoff_max_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
 
+    # --- exchange client, testnet and live (issue 4) ----------------------------------------------
+
+    # --- operations: telegram, alerts, systemd, health endpoint (issue 5) -------------------------
+    http_enabled: bool = False
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=1, le=65_535)] = 9108
+    looplag_enabled: bool = True
+    looplag_threshold_seconds: Annotated[float, Field(gt=0, le=600)] = 2.0
+    looplag_check_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
+
     @field_validator("telegram_chat_ids", "telegram_allowed_user_ids", "spot_symbols", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:

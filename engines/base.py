@@ -1,0 +1,194 @@
+"""What every engine shares: the loop with its heartbeat, graceful stop, state reloaded from the ledger,
+and the one way to trade (risk gate, then the allocator's reservation, then the order manager).
+
+An engine instance lives for one run: after a restart the Orchestrator builds a fresh one, which
+reloads positions from the ledger, so nothing an engine holds in memory is ever the only copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from storage.ledger import Ledger
+
+from config import Settings
+from core.clock import Clock
+from core.events import DataStale, EventBus, OrderDenied
+from core.types import ZERO, CandleSeries, OrderIntent, Position, Ticker
+from exchange.base import Exchange, MarketFeed
+from exchange.orders import OrderManager, SubmitResult
+from monitoring.health import HealthMonitor
+from risk.allocator import CapitalAllocator
+from risk.gate import RiskGate
+
+
+@dataclass
+class EngineContext:
+    """Everything an engine may touch, built once by the Orchestrator and shared across restarts."""
+
+    name: str
+    settings: Settings
+    clock: Clock
+    bus: EventBus
+    ledger: Ledger
+    exchange: Exchange
+    feed: MarketFeed
+    gate: RiskGate
+    allocator: CapitalAllocator
+    health: HealthMonitor
+    orders: OrderManager
+    equity: Callable[[], Decimal]
+    trade_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    entries: int = 0
+    exits: int = 0
+    denied: int = 0
+    rejected: int = 0
+    stale_blocks: int = 0
+    last_step_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BaseEngine:
+    """Subclasses implement `step()`; `run()` owns the loop, the heartbeat and the stop flag."""
+
+    name = "base"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        self.clock = ctx.clock
+        self.log = structlog.get_logger("engine").bind(engine=ctx.name)
+        self.positions: dict[str, Position] = {}
+        self.counters = EngineCounters()
+        self._stopping = False
+        self._running = False
+        self._feed_version = 0
+        self._stale: set[str] = set()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    @property
+    def wait_seconds(self) -> float:
+        """Longest wait for new data before the loop turns anyway (and beats)."""
+        return 5.0
+
+    async def load_state(self) -> None:
+        await self.refresh_positions()
+
+    async def run(self) -> None:
+        """The engine's task. Returns when stop() was called; raises on a fault (the supervisor decides)."""
+        self._running = True
+        self.heartbeat()
+        try:
+            await self.load_state()
+            self.log.info("engine started", positions=len(self.positions))
+            while not self._stopping:
+                self.heartbeat()
+                self._feed_version = await self.ctx.feed.wait_update(self._feed_version, self.wait_seconds)
+                if self._stopping:
+                    break
+                self.heartbeat()
+                await self.step()
+                self.counters.steps += 1
+                self.counters.last_step_at = self.clock.now()
+        finally:
+            self._running = False
+        self.log.info("engine stopped", steps=self.counters.steps)
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current step and return."""
+        self._stopping = True
+
+    def heartbeat(self) -> None:
+        self.ctx.health.heartbeat(self.ctx.name)
+
+    async def step(self) -> None:
+        raise NotImplementedError
+
+    # --- state -----------------------------------------------------------------------------------
+    async def refresh_positions(self) -> None:
+        rows = await self.ctx.ledger.positions(self.ctx.name)
+        self.positions = {p.symbol: p for p in rows}
+        self.ctx.allocator.set_exposure(self.ctx.name, sum((p.notional() for p in rows), ZERO))
+
+    def get_status(self) -> dict[str, Any]:
+        return {
+            "engine": self.ctx.name,
+            "running": self._running,
+            "stopping": self._stopping,
+            "positions": len(self.positions),
+            "stale_symbols": sorted(self._stale),
+            "steps": self.counters.steps,
+            "entries": self.counters.entries,
+            "exits": self.counters.exits,
+            "denied": self.counters.denied,
+            "rejected": self.counters.rejected,
+            "last_step_at": self.counters.last_step_at,
+        }
+
+    # --- data freshness --------------------------------------------------------------------------
+    def fresh_enough(self, symbol: str, ticker: Ticker | None, candles: CandleSeries | None,
+                     max_age: float) -> bool:
+        """False when the price or the candles have stopped arriving: entries wait, exits still run.
+
+        Logged and published once per stale episode per symbol, not on every tick.
+        """
+        now = self.clock.now()
+        ages = [now - ticker.ts if ticker is not None else float("inf"),
+                now - candles.observed_at if candles is not None else float("inf")]
+        age = max(ages)
+        if age <= max_age:
+            if symbol in self._stale:
+                self._stale.discard(symbol)
+                self.log.info("data fresh again", symbol=symbol)
+            return True
+        self.counters.stale_blocks += 1
+        if symbol not in self._stale:
+            self._stale.add(symbol)
+            self.log.warning("stale data: entries blocked", symbol=symbol, age_seconds=round(age, 1),
+                             max_age_seconds=max_age)
+            self.ctx.bus.publish(DataStale(ts=now, engine=self.ctx.name, symbol=symbol, age_seconds=age))
+        return False
+
+    # --- trading ---------------------------------------------------------------------------------
+    async def trade(self, intent: OrderIntent) -> SubmitResult | None:
+        """Gate, reserve, send, release. Returns None when the gate denied the intent.
+
+        The trade lock is shared with the Orchestrator's flattening, so a kill and an engine exit
+        can never both sell the same position.
+        """
+        async with self.ctx.trade_lock:
+            return await self._trade_locked(intent)
+
+    async def _trade_locked(self, intent: OrderIntent) -> SubmitResult | None:
+        decision = self.ctx.gate.check(
+            intent,
+            equity=self.ctx.equity(),
+            open_positions=len(self.positions),
+            has_position=intent.symbol in self.positions,
+        )
+        if not decision.allowed:
+            self.counters.denied += 1
+            self.log.info("order denied", symbol=intent.symbol, side=str(intent.side), reason=decision.reason)
+            self.ctx.bus.publish(
+                OrderDenied(ts=self.clock.now(), engine=self.ctx.name, symbol=intent.symbol,
+                            side=intent.side, reason=decision.reason)
+            )
+            return None
+        try:
+            result = await self.ctx.orders.submit(intent)
+        finally:
+            if decision.reservation is not None:
+                self.ctx.allocator.release(decision.reservation)
+        if result.error is not None:
+            self.counters.rejected += 1
+        await self.refresh_positions()
+        return result

@@ -1,0 +1,727 @@
+"""The Orchestrator: staged start-up, one task per enabled engine, the supervisor loop, the breaker,
+graceful shutdown, and the `Control` protocol that Telegram and the health endpoint drive.
+
+Start-up runs in stages, each with a timeout and a log line, stopping at the first that fails:
+ledger, market connection, reconciliation, risk state, engines, supervisor, Telegram. Shutdown runs
+in reverse and ends by logging the final portfolio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from exchange.paper import PaperExchange
+from storage.ledger import Ledger
+
+from config import Settings
+from core.clock import Clock
+from core.errors import KineticError, OperationalError
+from core.events import (
+    DaemonStarted,
+    DaemonStopping,
+    EnginePaused,
+    Event,
+    EventBus,
+    PortfolioReported,
+    Subscription,
+    TradingStateChanged,
+)
+from core.types import (
+    ZERO,
+    MarketType,
+    OrderIntent,
+    OrderState,
+    OrderType,
+    Position,
+    TradingState,
+)
+from engines.base import BaseEngine, EngineContext
+from engines.spot import SpotEngine
+from engines.supervisor import SlotState, Supervisor
+from exchange.base import Exchange, MarketFeed, OrderRequest, quantize_down
+from exchange.feeds import LiveFeed, ReplayFeed, discover_replay_files
+from exchange.markets import paper_markets
+from exchange.orders import OrderManager
+from monitoring.control import (
+    ENGINE_TARGETS,
+    BalanceReport,
+    BreakerReport,
+    CommandResult,
+    DailyPnl,
+    EngineStatus,
+    StatusReport,
+    TradeRecord,
+)
+from monitoring.health import HealthMonitor, RestartPolicy
+from risk.allocator import CapitalAllocator
+from risk.gate import EngineLimits, RiskGate
+from risk.monitor import GlobalRiskMonitor, RiskLimits, RiskState, Transition
+
+log = structlog.get_logger("orchestrator")
+
+T = TypeVar("T")
+
+ENGINE_CLASSES: dict[str, type[BaseEngine]] = {"spot": SpotEngine}
+MARKET_OF = {"spot": MarketType.SPOT, "futures": MarketType.FUTURES}
+RISK_KEY = "risk"
+PAUSE_KEY = "pause"
+
+
+class StartupError(KineticError):
+    """A start-up stage failed; the message says which and what to do."""
+
+
+@dataclass
+class EngineParts:
+    """The per-engine services that outlive engine restarts."""
+
+    name: str
+    exchange: Exchange
+    orders: OrderManager
+    context: EngineContext
+    trade_lock: asyncio.Lock
+
+
+@dataclass
+class EngineBook:
+    equity: Decimal = ZERO
+    realized: Decimal = ZERO
+    unrealized: Decimal = ZERO
+    positions: tuple[Position, ...] = ()
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        *,
+        replay_path: Path | None = None,
+        speed: float | None = None,
+        hooks: dict[str, Callable[..., Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.replay_path = replay_path
+        self.speed = speed if speed is not None else settings.replay_speed
+        self.bus = EventBus()
+        self.health = HealthMonitor(clock, settings.health_warning_seconds, settings.health_restart_seconds)
+        self.policy = RestartPolicy(
+            settings.health_max_restarts,
+            settings.health_restart_window_seconds,
+            settings.health_backoff_base_seconds,
+            settings.health_backoff_max_seconds,
+        )
+        self.hooks = hooks or {}
+        self.ledger: Ledger | None = None
+        self.feed: MarketFeed | None = None
+        self.parts: dict[str, EngineParts] = {}
+        self.allocator: CapitalAllocator | None = None
+        self.monitor: GlobalRiskMonitor | None = None
+        self.gate: RiskGate | None = None
+        self.supervisor: Supervisor | None = None
+        self.books: dict[str, EngineBook] = {}
+        self._equity = ZERO
+        self._stop = asyncio.Event()
+        self._stop_reason = ""
+        self._started_at = clock.monotonic()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._engine_tasks: set[asyncio.Task[None]] = set()
+        self._risk_dirty = False
+        self._journal_sub: Subscription | None = None
+        self.ready = asyncio.Event()
+
+    # --- public ----------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        feed = "replay" if self.replay_path is not None else "live data"
+        return f"{self.settings.trading_mode} ({feed})"
+
+    def request_stop(self, reason: str) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested", reason=reason)
+            self._stop_reason = reason
+            self._stop.set()
+
+    async def run(self) -> None:
+        """Start, supervise until asked to stop, shut down. Raises StartupError if a stage fails."""
+        try:
+            await self._startup()
+            self.ready.set()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    # --- start-up --------------------------------------------------------------------------------
+    async def _stage(self, name: str, make: Callable[[], Awaitable[T]]) -> T:
+        timeout = self.settings.startup_stage_timeout_seconds
+        started = self.clock.monotonic()
+        log.info("start-up stage", stage=name)
+        try:
+            result = await self.clock.wait_for(make(), timeout)
+        except TimeoutError:
+            raise StartupError(f"start-up stage '{name}' did not finish within {timeout:g}s") from None
+        except KineticError as exc:
+            raise StartupError(f"start-up stage '{name}' failed: {exc}") from exc
+        log.info("start-up stage done", stage=name, seconds=round(self.clock.monotonic() - started, 3))
+        return result
+
+    def _own(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not self._stop.is_set():
+            # A service task (supervisor, feed, journal) dying is a broken invariant: stop cleanly and
+            # let systemd restart us from the ledger.
+            log.error("service task died", task=task.get_name(), error=repr(exc), exc_info=exc)
+            self.request_stop(f"service task {task.get_name()} died")
+
+    async def _startup(self) -> None:
+        s = self.settings
+        if s.trading_mode == "live":
+            log.warning("LIVE TRADING: REAL MONEY, REAL ORDERS ON BINANCE", mode="LIVE")
+        elif s.trading_mode == "testnet":
+            log.warning("testnet mode: Binance demo trading endpoints", mode="testnet")
+        self.ledger = await self._stage("ledger", self._open_ledger)
+        self._journal_sub = self.bus.subscribe("journal", maxsize=50_000)
+        self._own(self._journal_writer(self._journal_sub), "journal")
+        await self._stage("market connection", self._connect_market)
+        await self._stage("reconciliation", self._reconcile)
+        await self._stage("risk state", self._load_risk_state)
+        await self._stage("engines", self._start_engines)
+        await self._stage("supervisor", self._start_supervisor)
+        telegram = self.hooks.get("telegram")
+        if telegram is not None:
+            await self._stage("telegram", lambda: telegram(self))
+        else:
+            log.info("telegram disabled: no TELEGRAM_BOT_TOKEN set")
+        await self._refresh_books()
+        self.bus.publish(DaemonStarted(ts=self.clock.now(), mode=self.mode,
+                                       engines=tuple(self.parts), equity=self._equity))
+        log.info("daemon started", mode=self.mode, engines=list(self.parts), equity=str(self._equity),
+                 trading_state=str(self.trading_state))
+
+    async def _open_ledger(self) -> Ledger:
+        return await Ledger.open(self.settings.ledger_path, self.clock)
+
+    async def _connect_market(self) -> None:
+        s = self.settings
+        engines = s.enabled_engines()
+        symbols = sorted({sym for name in engines for sym in self._symbols_of(name)})
+        if self.replay_path is not None:
+            files = await asyncio.to_thread(discover_replay_files, self.replay_path)
+            missing = [sym for sym in symbols if sym not in files]
+            if missing:
+                raise OperationalError(
+                    f"no replay data for {', '.join(missing)} in {self.replay_path}; "
+                    f"set SPOT_SYMBOLS to some of {', '.join(sorted(files))}"
+                )
+            cursor = await self._ledger().get_state(self._cursor_key())
+            self.feed = ReplayFeed(
+                {sym: files[sym] for sym in symbols}, self.clock,
+                base_timeframe=s.spot_timeframe, speed=self.speed, warmup_bars=s.replay_warmup_bars,
+                start_cursor=int(cursor["cursor"]) if cursor else None,
+                spread_bps=s.paper_spread_bps,
+            )
+        else:
+            self.feed = LiveFeed(
+                self.clock, symbols, [s.spot_timeframe], market_type=MarketType.SPOT,
+                poll_seconds=s.spot_monitor_interval_seconds, candle_poll_seconds=60.0,
+                timeout_seconds=s.exchange_timeout_seconds,
+            )
+        await self.feed.start()
+        if s.trading_mode != "paper":
+            raise OperationalError(
+                f"TRADING_MODE={s.trading_mode} needs the exchange client, which this version does not "
+                "include yet; use TRADING_MODE=paper"
+            )
+        shares = self._paper_wallets(engines)
+        for name in engines:
+            market = MARKET_OF[name]
+            exchange = PaperExchange(
+                market, self.feed, self.clock, paper_markets(self._symbols_of(name), market),
+                {"USDT": shares[name]},
+                taker_fee_pct=s.paper_taker_fee_pct, maker_fee_pct=s.paper_maker_fee_pct,
+                slippage_bps=s.paper_slippage_bps,
+            )
+            await exchange.load_markets()
+            self._add_engine_parts(name, exchange)
+
+    def _paper_wallets(self, engines: list[str]) -> dict[str, Decimal]:
+        """Split the paper balance into one wallet per engine, as Binance keeps spot and futures apart;
+        an unallocated remainder stays in the first engine's wallet (it is idle cash, not budget)."""
+        s = self.settings
+        allocator = CapitalAllocator(
+            {"spot": s.spot_allocation_pct, "futures": s.futures_allocation_pct}, engines
+        )
+        wallets = {name: s.paper_starting_balance * allocator.share_pct(name) / 100 for name in engines}
+        rest = s.paper_starting_balance - sum(wallets.values(), ZERO)
+        wallets[engines[0]] += rest
+        return wallets
+
+    def _symbols_of(self, engine: str) -> list[str]:
+        if engine == "spot":
+            return list(self.settings.spot_symbols)
+        return []
+
+    def _cursor_key(self) -> str:
+        return f"replay_cursor:{self.replay_path}"
+
+    def _add_engine_parts(self, name: str, exchange: Exchange) -> None:
+        orders = OrderManager(name, exchange, self._ledger(), self.bus, self.clock,
+                              send_timeout=self.settings.exchange_timeout_seconds)
+        if isinstance(exchange, PaperExchange):
+            exchange.on_fill = lambda update, om=orders: self._own(self._late_fill(om, update), "late-fill")
+        self.parts[name] = EngineParts(name=name, exchange=exchange, orders=orders,
+                                       context=None, trade_lock=asyncio.Lock())  # type: ignore[arg-type]
+
+    async def _late_fill(self, orders: OrderManager, update: Any) -> None:
+        """A resting paper order filled between engine steps: record it like any other answer."""
+        order = await self._ledger().get_order(update.client_order_id)
+        if order is not None:
+            await orders.apply_update(order, update)
+
+    async def _reconcile(self) -> None:
+        """Bring the ledger and the (paper) exchange into agreement before any engine trades."""
+        ledger = self._ledger()
+        for name, part in self.parts.items():
+            if isinstance(part.exchange, PaperExchange):
+                fills = await ledger.fills(engine=name)
+                resting = await ledger.orders_in_states([OrderState.OPEN, OrderState.PARTIALLY_FILLED],
+                                                         engine=name)
+                part.exchange.restore(fills, [
+                    OrderRequest(o.client_order_id, o.symbol, o.side, o.order_type, o.amount - o.filled,
+                                 o.price, o.stop_price, o.reduce_only, o.leverage) for o in resting
+                ])
+            results = await part.orders.resolve_open_orders()
+            positions = await ledger.positions(name)
+            log.info("reconciled", engine=name, orders_resolved=len(results), positions=len(positions),
+                     fills=len(await ledger.fills(engine=name)))
+
+    async def _load_risk_state(self) -> None:
+        s = self.settings
+        ledger = self._ledger()
+        engines = list(self.parts)
+        self.allocator = CapitalAllocator(
+            {"spot": s.spot_allocation_pct, "futures": s.futures_allocation_pct}, engines
+        )
+        saved = await ledger.get_state(RISK_KEY)
+        state = RiskState.from_dict(saved) if saved else None
+        self.monitor = GlobalRiskMonitor(RiskLimits.from_settings(s), state)
+        limits = {"spot": EngineLimits(max_positions=s.spot_max_positions, max_leverage=1)}
+        self.gate = RiskGate(self.monitor, self.allocator, limits)
+        paused = await ledger.get_state(PAUSE_KEY) or {}
+        for name in engines:
+            if paused.get(name):
+                self.gate.set_paused(name, True)
+                log.warning("engine paused (from ledger)", engine=name)
+        await self._refresh_books()
+        await self._apply_transitions(self.monitor.update(self.clock.now(), self._equity_by_engine()))
+        log.info("risk state", trading_state=str(self.monitor.trading_state),
+                 reason=self.monitor.state.reason, until=self.monitor.state.until,
+                 equity=str(self._equity))
+
+    async def _start_engines(self) -> None:
+        s = self.settings
+        self.supervisor = Supervisor(self.clock, self.bus, self.health, self.policy,
+                                     stop_timeout=s.health_stop_timeout_seconds, spawn=self._spawn_engine)
+        for name, part in self.parts.items():
+            part.context = EngineContext(
+                name=name, settings=s, clock=self.clock, bus=self.bus, ledger=self._ledger(),
+                exchange=part.exchange, feed=self._feed(), gate=self._gate(), allocator=self._allocator(),
+                health=self.health, orders=part.orders, equity=lambda: self._equity,
+                trade_lock=part.trade_lock,
+            )
+            cls = ENGINE_CLASSES[name]
+            self.supervisor.add(name, lambda cls=cls, ctx=part.context: cls(ctx))
+            self.supervisor.start(name)
+        for name in ("spot", "futures"):
+            if name not in self.parts:
+                log.info("engine disabled", engine=name)
+
+    def _spawn_engine(self, name: str, engine: BaseEngine) -> asyncio.Task[None]:
+        assert self.supervisor is not None
+        task = asyncio.ensure_future(self.supervisor.guard(name, engine))
+        task.set_name(f"engine:{name}")
+        self._engine_tasks.add(task)
+        task.add_done_callback(self._engine_tasks.discard)
+        return task
+
+    async def _start_supervisor(self) -> None:
+        for name, part in self.parts.items():
+            if isinstance(part.exchange, PaperExchange):
+                self._own(part.exchange.run(), f"paper:{name}")
+        self._own(self._supervise(), "supervisor")
+
+    # --- supervision -----------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        sup = self._supervisor()
+        interval = self.settings.health_check_interval_seconds
+        notify = self.hooks.get("watchdog")
+        while not self._stop.is_set():
+            await sup.tick()
+            await self._refresh_books()
+            await self._apply_transitions(self._monitor().update(self.clock.now(), self._equity_by_engine()))
+            await self._persist_progress()
+            if notify is not None:
+                notify(self)
+            due = sup.next_restart_due()
+            wait = interval if due is None else max(0.0, min(interval, due - self.clock.now()))
+            sup.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await self.clock.wait_for(sup.wake.wait(), wait)
+
+    async def _refresh_books(self) -> None:
+        ledger = self._ledger()
+        total = ZERO
+        for name, part in self.parts.items():
+            balance = await part.exchange.fetch_balance()
+            positions = tuple(await ledger.positions(name))
+            unrealized = ZERO
+            for p in positions:
+                ticker = self._feed().ticker(p.symbol)
+                if ticker is not None:
+                    unrealized += p.unrealized_pnl(ticker.bid)
+            realized = await ledger.realized_pnl(name)
+            self.books[name] = EngineBook(balance.equity, realized, unrealized, positions)
+            total += balance.equity
+        self._equity = total
+
+    def _equity_by_engine(self) -> dict[str, Decimal]:
+        return {name: book.equity for name, book in self.books.items()}
+
+    async def _apply_transitions(self, transitions: list[Transition]) -> None:
+        for t in transitions:
+            log.warning("trading state changed", old=str(t.old), new=str(t.new), reason=t.reason,
+                        until=t.until)
+            self.bus.publish(TradingStateChanged(ts=self.clock.now(), old=t.old, new=t.new,
+                                                 reason=t.reason, until=t.until))
+            self._risk_dirty = True
+            if t.flatten:
+                await self.flatten_all(system=t.new is TradingState.HALTED, reason=t.reason)
+        if transitions:
+            await self._persist_risk()
+
+    async def _persist_risk(self) -> None:
+        await self._ledger().set_state(RISK_KEY, self._monitor().state.to_dict())
+        self._risk_dirty = False
+
+    async def _persist_progress(self) -> None:
+        await self._persist_risk()
+        if isinstance(self.feed, ReplayFeed):
+            await self._ledger().set_state(self._cursor_key(), {"cursor": self.feed.cursor})
+
+    async def flatten_all(self, *, system: bool, reason: str) -> int:
+        """Close every position with market orders through the gate. `system` marks the kill switch's
+        own flattening, the one thing that passes while HALTED."""
+        sent = 0
+        for name, part in self.parts.items():
+            async with part.trade_lock:
+                for position in await self._ledger().positions(name):
+                    market = part.exchange.market(position.symbol)
+                    amount = quantize_down(position.amount, market.amount_step)
+                    if amount <= 0:
+                        continue
+                    intent = OrderIntent(
+                        engine=name, market=position.market, symbol=position.symbol,
+                        side=position.side.exit_side, amount=amount, order_type=OrderType.MARKET,
+                        reduce_only=True, system_flatten=system, reason=f"flatten: {reason}",
+                    )
+                    decision = self._gate().check(intent, equity=self._equity, open_positions=0,
+                                                  has_position=True)
+                    if not decision.allowed:
+                        log.error("flatten denied", engine=name, symbol=position.symbol,
+                                  reason=decision.reason)
+                        continue
+                    result = await part.orders.submit(intent)
+                    sent += 1
+                    log.warning("flattened", engine=name, symbol=position.symbol,
+                                filled=str(result.filled), error=result.error)
+                if part.context is not None:
+                    await self._refresh_engine_positions(name)
+        return sent
+
+    async def _refresh_engine_positions(self, name: str) -> None:
+        sup = self.supervisor
+        slot = sup.slots.get(name) if sup is not None else None
+        if slot is not None and slot.engine is not None:
+            await slot.engine.refresh_positions()
+
+    async def cancel_entry_orders(self) -> int:
+        canceled = 0
+        for name, part in self.parts.items():
+            open_orders = await self._ledger().orders_in_states(
+                [OrderState.OPEN, OrderState.PARTIALLY_FILLED], engine=name
+            )
+            for order in open_orders:
+                if order.reduce_only:
+                    continue
+                await part.orders.cancel(order)
+                canceled += 1
+        return canceled
+
+    async def _journal_writer(self, sub: Subscription) -> None:
+        """Append every event to the ledger's journal, in batches so a burst costs one transaction."""
+        ledger = self._ledger()
+        while True:
+            first = await sub.get()
+            batch: list[Event] = [first]
+            while not sub.queue.empty() and len(batch) < 500:
+                batch.append(sub.queue.get_nowait())
+            await ledger.journal_many([(e.kind, e.as_dict(), e.ts) for e in batch])
+
+    async def _flush_journal(self) -> None:
+        sub = self._journal_sub
+        if sub is None or self.ledger is None:
+            return
+        batch: list[Event] = []
+        while not sub.queue.empty():
+            batch.append(sub.queue.get_nowait())
+        if batch:
+            await self.ledger.journal_many([(e.kind, e.as_dict(), e.ts) for e in batch])
+
+    # --- shutdown --------------------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        log.info("shutting down", reason=self._stop_reason or "start-up failed")
+        self.bus.publish(DaemonStopping(ts=self.clock.now(), reason=self._stop_reason))
+        stop_hook = self.hooks.get("stopping")
+        if stop_hook is not None:
+            stop_hook(self)
+        if self.supervisor is not None:
+            await self.supervisor.stop_all()
+        for task in list(self._tasks):
+            if task.get_name() == "supervisor":
+                task.cancel()
+        if self.ledger is not None and self.parts and self.gate is not None:
+            try:
+                canceled = await self.cancel_entry_orders()
+                if canceled:
+                    log.info("pending entry orders canceled", count=canceled)
+                await self._refresh_books()
+                await self._persist_progress()
+                self._report_portfolio(final=True)
+            except Exception as exc:  # the final report must not stop the flush below
+                log.error("final bookkeeping failed", error=repr(exc), exc_info=exc)
+        telegram_stop = self.hooks.get("telegram_stop")
+        if telegram_stop is not None:
+            with contextlib.suppress(Exception):
+                await self.clock.wait_for(telegram_stop(self), 10.0)
+        for task in list(self._tasks):
+            if task.get_name() != "journal":
+                task.cancel()
+        await asyncio.gather(*[t for t in self._tasks if t.get_name() != "journal"], return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush_journal()
+        if self.feed is not None:
+            await self.feed.stop()
+        for part in self.parts.values():
+            await part.exchange.close()
+        orphans = [t for t in self._engine_tasks if not t.done()]
+        if orphans:
+            log.error("engine tasks still running at exit", tasks=[t.get_name() for t in orphans])
+        if self.ledger is not None:
+            await self.ledger.close()
+        log.info("stopped")
+
+    def _report_portfolio(self, *, final: bool) -> None:
+        realized = sum((b.realized for b in self.books.values()), ZERO)
+        unrealized = sum((b.unrealized for b in self.books.values()), ZERO)
+        engines: dict[str, dict[str, Any]] = {}
+        for name, book in self.books.items():
+            engines[name] = {
+                "equity": str(book.equity.quantize(Decimal("0.01"))),
+                "realized_pnl": str(book.realized.quantize(Decimal("0.0001"))),
+                "unrealized_pnl": str(book.unrealized.quantize(Decimal("0.0001"))),
+                "positions": [
+                    {"symbol": p.symbol, "side": str(p.side), "amount": str(p.amount),
+                     "entry": str(p.entry_price)} for p in book.positions
+                ],
+            }
+        log.info("final portfolio" if final else "portfolio", equity=str(self._equity.quantize(Decimal("0.01"))),
+                 realized_pnl=str(realized.quantize(Decimal("0.0001"))),
+                 unrealized_pnl=str(unrealized.quantize(Decimal("0.0001"))),
+                 trading_state=str(self.trading_state), engines=engines)
+        self.bus.publish(PortfolioReported(ts=self.clock.now(), equity=self._equity, realized_pnl=realized,
+                                           unrealized_pnl=unrealized, engines=engines, final=final))
+
+    # --- accessors -------------------------------------------------------------------------------
+    @property
+    def trading_state(self) -> TradingState:
+        return self.monitor.trading_state if self.monitor is not None else TradingState.ACTIVE
+
+    def _ledger(self) -> Ledger:
+        if self.ledger is None:
+            raise RuntimeError("ledger not open")
+        return self.ledger
+
+    def _feed(self) -> MarketFeed:
+        if self.feed is None:
+            raise RuntimeError("feed not started")
+        return self.feed
+
+    def _gate(self) -> RiskGate:
+        if self.gate is None:
+            raise RuntimeError("risk gate not built")
+        return self.gate
+
+    def _allocator(self) -> CapitalAllocator:
+        if self.allocator is None:
+            raise RuntimeError("allocator not built")
+        return self.allocator
+
+    def _monitor(self) -> GlobalRiskMonitor:
+        if self.monitor is None:
+            raise RuntimeError("risk monitor not built")
+        return self.monitor
+
+    def _supervisor(self) -> Supervisor:
+        if self.supervisor is None:
+            raise RuntimeError("supervisor not built")
+        return self.supervisor
+
+    # --- Control protocol (Telegram, health endpoint) --------------------------------------------
+    async def status(self) -> StatusReport:
+        mon = self._monitor()
+        engines: list[EngineStatus] = []
+        for name in ("spot", "futures"):
+            if name not in self.parts:
+                continue
+            slot = self._supervisor().slots.get(name)
+            book = self.books.get(name, EngineBook())
+            paused = self._gate().is_paused(name)
+            state = slot.state.value if slot is not None else "stopped"
+            if state == SlotState.RUNNING.value and paused:
+                state = "paused"
+            engines.append(EngineStatus(
+                name=name, state=state, heartbeat_age=self.health.age(name), paused=paused,
+                restarts=self.policy.restarts(name), equity=book.equity,
+                open_positions=len(book.positions), realized_pnl=book.realized,
+                unrealized_pnl=book.unrealized,
+            ))
+        return StatusReport(
+            mode=self.mode, trading_state=mon.trading_state, engines=tuple(engines), equity=self._equity,
+            day_pnl=mon.daily_pnl(self._equity), day_pnl_pct=mon.daily_pnl_pct(self._equity),
+            drawdown_pct=mon.drawdown_pct(self._equity),
+            uptime_seconds=self.clock.monotonic() - self._started_at,
+        )
+
+    async def positions(self) -> list[Position]:
+        return await self._ledger().positions()
+
+    async def balance(self) -> list[BalanceReport]:
+        out = []
+        for name, part in self.parts.items():
+            b = await part.exchange.fetch_balance()
+            out.append(BalanceReport(engine=name, free=dict(b.free), total=dict(b.total), equity=b.equity))
+        return out
+
+    async def pnl(self, days: int) -> list[DailyPnl]:
+        rows = await self._ledger().realized_pnl_by_day(days, self.clock.now())
+        return [DailyPnl(day=d, engine=e, realized_pnl=p, trades=n) for d, e, p, n in rows]
+
+    async def trades(self, n: int) -> list[TradeRecord]:
+        rows = await self._ledger().closed_trades(limit=n)
+        return [TradeRecord(ts=t.closed_at, engine=t.engine, symbol=t.symbol, side=str(t.side),
+                            amount=t.amount, price=t.exit_price, fee=t.fees, realized_pnl=t.realized_pnl)
+                for t in rows]
+
+    def _targets(self, target: str) -> list[str] | None:
+        if target not in ENGINE_TARGETS:
+            return None
+        return list(self.parts) if target == "all" else [target] if target in self.parts else []
+
+    async def _save_pauses(self) -> None:
+        gate = self._gate()
+        await self._ledger().set_state(PAUSE_KEY, {n: gate.is_paused(n) for n in self.parts})
+
+    async def pause(self, target: str, by: str) -> CommandResult:
+        names = self._targets(target)
+        if names is None:
+            return CommandResult(False, f"unknown engine {target!r}; use spot, futures or all")
+        if not names:
+            return CommandResult(False, f"engine {target} is not enabled")
+        for name in names:
+            self._gate().set_paused(name, True)
+            self.bus.publish(EnginePaused(ts=self.clock.now(), engine=name, paused=True, by=by))
+        await self._save_pauses()
+        log.warning("paused", engines=names, by=by)
+        return CommandResult(True, f"paused {', '.join(names)}: no new entries; exits still managed")
+
+    async def resume(self, target: str, by: str) -> CommandResult:
+        names = self._targets(target)
+        if names is None:
+            return CommandResult(False, f"unknown engine {target!r}; use spot, futures or all")
+        mon = self._monitor()
+        notes = []
+        if mon.trading_state is TradingState.HALTED:
+            if target != "all":
+                return CommandResult(False, "trading is HALTED (killed); only /resume all lifts it")
+            t = mon.resume(self.clock.now(), self._equity)
+            if t is not None:
+                await self._apply_transitions([t])
+                notes.append("trading ACTIVE again")
+        for name in names:
+            self._gate().set_paused(name, False)
+            self.bus.publish(EnginePaused(ts=self.clock.now(), engine=name, paused=False, by=by))
+        await self._save_pauses()
+        log.warning("resumed", engines=names, by=by)
+        return CommandResult(True, "; ".join([f"resumed {', '.join(names) or 'nothing'}", *notes]))
+
+    async def restart(self, engine: str, by: str) -> CommandResult:
+        sup = self._supervisor()
+        slot = sup.slots.get(engine)
+        if slot is None:
+            return CommandResult(False, f"engine {engine!r} is not running here")
+        if slot.state is SlotState.FAILED:
+            self.policy.reset(engine)
+            slot.state = SlotState.RESTARTING
+            slot.restart_at = self.clock.now()
+            sup.wake.set()
+            return CommandResult(True, f"{engine} was FAILED; starting it again")
+        await sup.restart_now(engine, f"requested by {by}")
+        return CommandResult(True, f"{engine} restarting")
+
+    async def breaker(self) -> BreakerReport:
+        st = self._monitor().state
+        return BreakerReport(state=st.trading_state, reason=st.reason, until=st.until,
+                             day_start_equity=st.day_start_equity, peak_equity=st.peak_equity)
+
+    async def breaker_reset(self, by: str) -> CommandResult:
+        t = self._monitor().reset_breaker(self.clock.now(), self._equity)
+        if t is None:
+            return CommandResult(False, f"breaker not tripped (state {self.trading_state})")
+        await self._apply_transitions([t])
+        log.warning("breaker reset", by=by)
+        return CommandResult(True, "breaker reset: trading ACTIVE")
+
+    async def kill(self, by: str) -> CommandResult:
+        t = self._monitor().kill(self.clock.now(), f"kill by {by}")
+        log.error("KILL SWITCH", by=by)
+        canceled = 0
+        for name, part in self.parts.items():
+            for order in await self._ledger().orders_in_states(
+                [OrderState.OPEN, OrderState.PARTIALLY_FILLED], engine=name
+            ):
+                await part.orders.cancel(order)
+                canceled += 1
+        await self._apply_transitions([t])  # the kill transition always flattens
+        remaining = len(await self._ledger().positions())
+        return CommandResult(True, f"HALTED: {canceled} orders canceled, positions flattened "
+                                   f"({remaining} left open); /resume all to trade again")

@@ -1,0 +1,184 @@
+"""The spot engine: momentum entries on its symbols, exits on stop-loss and take-profit.
+
+It reads only `spot_*` settings and trades only through `BaseEngine.trade` (risk gate, allocator,
+order manager). Exits are reduce-only and run on every price update, stale data or not; entries need
+fresh data and a newly closed candle (or the scan interval passing without one).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from core.types import (
+    ZERO,
+    MarketType,
+    OrderIntent,
+    OrderType,
+    Position,
+    PositionSide,
+    Side,
+    Ticker,
+)
+from engines.base import BaseEngine, EngineContext
+from engines.momentum import MomentumParams, evaluate
+from exchange.base import quantize_down, quantize_price
+
+_HUNDRED = Decimal(100)
+
+
+class SpotEngine(BaseEngine):
+    name = "spot"
+
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx)
+        s = ctx.settings
+        self.symbols = list(s.spot_symbols)
+        self.timeframe = s.spot_timeframe
+        self.params = MomentumParams(
+            ema_fast=s.spot_ema_fast,
+            ema_slow=s.spot_ema_slow,
+            rsi_period=s.spot_rsi_period,
+            rsi_min=s.spot_rsi_min,
+            rsi_max=s.spot_rsi_max,
+            lookback=s.spot_momentum_lookback,
+            min_momentum_pct=s.spot_min_momentum_pct,
+            volume_factor=s.spot_volume_factor,
+        )
+        self.stop_loss_pct = Decimal(str(s.spot_stop_loss_pct))
+        self.take_profit_pct = Decimal(str(s.spot_take_profit_pct))
+        self.position_size_pct = Decimal(str(s.spot_position_size_pct))
+        self.max_age = s.spot_max_data_age_seconds
+        self.scan_interval = s.spot_scan_interval_seconds
+        self._last_candle_ts: dict[str, float] = {}
+        self._last_scan_at: dict[str, float] = {}
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.ctx.settings.spot_monitor_interval_seconds
+
+    async def load_state(self) -> None:
+        """Reload positions; one that lost its exit levels (a crash between the entry fill and saving
+        them) gets them again from its entry price, so no position is ever left without a stop."""
+        await super().load_state()
+        for position in self.positions.values():
+            if position.stop_loss is None or position.take_profit is None:
+                await self._set_exit_levels(position)
+                self.log.warning("exit levels restored", symbol=position.symbol,
+                                 stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+
+    async def step(self) -> None:
+        for symbol in self.symbols:
+            ticker = self.ctx.feed.ticker(symbol)
+            position = self.positions.get(symbol)
+            if position is not None:
+                if ticker is not None:
+                    await self.manage_exit(position, ticker)
+                continue
+            await self.consider_entry(symbol, ticker)
+
+    # --- exits -----------------------------------------------------------------------------------
+    def exit_reason(self, position: Position, price: Decimal) -> str | None:
+        stop = position.stop_loss
+        target = position.take_profit
+        if stop is not None and price <= stop:
+            return "stop-loss"
+        if target is not None and price >= target:
+            return "take-profit"
+        return None
+
+    async def manage_exit(self, position: Position, ticker: Ticker) -> None:
+        reason = self.exit_reason(position, ticker.bid)
+        if reason is None:
+            return
+        market = self.ctx.exchange.market(position.symbol)
+        amount = quantize_down(position.amount, market.amount_step)
+        if amount <= 0:
+            return
+        intent = OrderIntent(
+            engine=self.ctx.name,
+            market=MarketType.SPOT,
+            symbol=position.symbol,
+            side=Side.SELL,
+            amount=amount,
+            order_type=OrderType.MARKET,
+            reduce_only=True,
+            reason=reason,
+        )
+        result = await self.trade(intent)
+        if result is not None and result.filled > 0:
+            self.counters.exits += 1
+            self.log.info("exit", symbol=position.symbol, reason=reason, amount=str(result.filled),
+                          price=str(result.order.avg_price))
+
+    # --- entries ---------------------------------------------------------------------------------
+    def _due_for_scan(self, symbol: str, newest_candle_ts: float) -> bool:
+        now = self.clock.now()
+        if self._last_candle_ts.get(symbol) != newest_candle_ts:
+            return True
+        return now - self._last_scan_at.get(symbol, float("-inf")) >= self.scan_interval
+
+    async def consider_entry(self, symbol: str, ticker: Ticker | None) -> None:
+        candles = self.ctx.feed.candles(symbol, self.timeframe, limit=max(self.params.warmup_bars * 4, 100))
+        if candles is None or len(candles) == 0:
+            return
+        newest = float(candles.ts[-1])
+        if not self._due_for_scan(symbol, newest):
+            return
+        self._last_candle_ts[symbol] = newest
+        self._last_scan_at[symbol] = self.clock.now()
+        if not self.fresh_enough(symbol, ticker, candles, self.max_age) or ticker is None:
+            return
+        if len(self.positions) >= self.ctx.settings.spot_max_positions:
+            return
+        reading = evaluate(candles, self.params)
+        if not reading.enter:
+            return
+        await self.enter(symbol, ticker, reading.reason)
+
+    def entry_amount(self, symbol: str, price: Decimal) -> Decimal:
+        """Position size: a fixed share of the engine's budget, rounded down to the market's step;
+        zero when that is below the market's minimum (skip rather than round up)."""
+        budget = self.ctx.allocator.budget(self.ctx.name, self.ctx.equity())
+        notional = budget * self.position_size_pct / _HUNDRED
+        market = self.ctx.exchange.market(symbol)
+        amount = quantize_down(notional / price, market.amount_step)
+        if amount < market.min_amount or amount * price < market.min_notional:
+            return ZERO
+        return amount
+
+    async def enter(self, symbol: str, ticker: Ticker, reason: str) -> None:
+        price = ticker.ask
+        amount = self.entry_amount(symbol, price)
+        if amount <= 0:
+            self.log.info("entry skipped: below market minimum", symbol=symbol)
+            return
+        intent = OrderIntent(
+            engine=self.ctx.name,
+            market=MarketType.SPOT,
+            symbol=symbol,
+            side=Side.BUY,
+            amount=amount,
+            order_type=OrderType.MARKET,
+            notional=amount * price,
+            reason=reason,
+        )
+        result = await self.trade(intent)
+        if result is None or result.filled <= 0:
+            return
+        self.counters.entries += 1
+        position = self.positions.get(symbol)
+        if position is None or position.side is not PositionSide.LONG:
+            return
+        await self._set_exit_levels(position)
+        self.log.info("entry", symbol=symbol, amount=str(result.filled), price=str(position.entry_price),
+                      stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+
+    async def _set_exit_levels(self, position: Position) -> None:
+        market = self.ctx.exchange.market(position.symbol)
+        entry = position.entry_price
+        stop = quantize_price(entry * (1 - self.stop_loss_pct / _HUNDRED), market.price_step)
+        target = quantize_price(entry * (1 + self.take_profit_pct / _HUNDRED), market.price_step)
+        await self.ctx.ledger.update_position(self.ctx.name, position.symbol, stop_loss=stop,
+                                              take_profit=target)
+        position.stop_loss = stop
+        position.take_profit = target

@@ -1,0 +1,359 @@
+"""The order path: intent before action, exactly once.
+
+Every order is written to the ledger with its client order id before it is sent. A send whose outcome
+is unknown (timeout, dropped connection, crash) leaves the order UNKNOWN, and is resolved by asking the
+exchange for that client order id — never by sending again. The ledger is reached through the small
+`OrderStore` protocol so that `exchange` does not import `storage` (they are siblings in DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Protocol
+
+import structlog
+
+from core.clock import Clock
+from core.errors import (
+    DependencyError,
+    InsufficientFunds,
+    OperationalError,
+    OrderNotFound,
+    OrderRejected,
+    TemporaryError,
+)
+from core.events import (
+    EventBus,
+    OrderCanceled,
+    OrderFilled,
+    OrderPlaced,
+    OrderRejectedByExchange,
+    PositionClosed,
+    PositionOpened,
+)
+from core.types import Fill, Order, OrderIntent, OrderState, Position, PositionSide
+from exchange.base import Exchange, OrderRequest, OrderUpdate
+
+log = structlog.get_logger("orders")
+
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def base36(n: int) -> str:
+    if n < 0:
+        raise ValueError("negative")
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = _B36[r] + out
+        if n == 0:
+            return out
+
+
+def make_client_order_id(engine: str, boot: int, seq: int) -> str:
+    """`ke<engine initial><boot>-<seq>`: unique across restarts (persistent sequence, boot stamp) and
+    valid for Binance (`^[.A-Z:/a-z0-9_-]{1,36}$`)."""
+    cid = f"ke{engine[:1]}{base36(boot)}-{base36(seq)}"
+    if len(cid) > 36:
+        raise ValueError(f"client order id too long: {cid}")
+    return cid
+
+
+class ClosedTradeLike(Protocol):
+    @property
+    def exit_price(self) -> Decimal: ...
+
+    @property
+    def entry_price(self) -> Decimal: ...
+
+    @property
+    def amount(self) -> Decimal: ...
+
+    @property
+    def realized_pnl(self) -> Decimal: ...
+
+    @property
+    def side(self) -> PositionSide: ...
+
+
+class FillOutcome(Protocol):
+    @property
+    def new(self) -> bool: ...
+
+    @property
+    def position(self) -> Position | None: ...
+
+    @property
+    def realized_pnl(self) -> Decimal: ...
+
+    @property
+    def closed(self) -> ClosedTradeLike | None: ...
+
+
+class OrderStore(Protocol):
+    async def insert_order(self, order: Order) -> None: ...
+
+    async def update_order(
+        self,
+        client_order_id: str,
+        *,
+        state: OrderState,
+        filled: Decimal | None = None,
+        avg_price: Decimal | None = None,
+        exchange_order_id: str | None = None,
+    ) -> None: ...
+
+    async def get_order(self, client_order_id: str) -> Order | None: ...
+
+    async def orders_in_states(
+        self, states: Iterable[OrderState], engine: str | None = None
+    ) -> list[Order]: ...
+
+    async def record_fill(self, fill: Fill, *, leverage: int = 1) -> FillOutcome: ...
+
+    async def next_sequence(self, name: str) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubmitResult:
+    """What happened to one intent. `order` is the ledger's row after the exchange answered."""
+
+    order: Order
+    update: OrderUpdate | None
+    outcomes: tuple[FillOutcome, ...] = ()
+    error: str | None = None
+
+    @property
+    def filled(self) -> Decimal:
+        return self.order.filled
+
+
+class OrderManager:
+    """One per engine and exchange. Owns the ledger side of each order it sends."""
+
+    def __init__(
+        self,
+        engine: str,
+        exchange: Exchange,
+        store: OrderStore,
+        bus: EventBus,
+        clock: Clock,
+        *,
+        send_timeout: float = 10.0,
+        unknown_grace_seconds: float = 30.0,
+        boot_stamp: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.exchange = exchange
+        self.store = store
+        self.bus = bus
+        self.clock = clock
+        self.send_timeout = send_timeout
+        self.unknown_grace_seconds = unknown_grace_seconds
+        # Seconds since epoch at start-up, with the pid folded in: two processes on one ledger would
+        # still never share an id, and the persistent sequence makes ids unique within one boot.
+        self._boot = boot_stamp if boot_stamp is not None else int(clock.now()) * 64 + os.getpid() % 64
+        self.on_position_change: Callable[[str], None] | None = None
+
+    async def new_client_order_id(self) -> str:
+        seq = await self.store.next_sequence(f"coid:{self.engine}")
+        return make_client_order_id(self.engine, self._boot, seq)
+
+    async def submit(self, intent: OrderIntent) -> SubmitResult:
+        """Write the order, send it once, record what came back. Never raises for one order's trouble:
+        the outcome is in the result (and the ledger); operational errors propagate to halt the engine.
+        """
+        now = self.clock.now()
+        cid = await self.new_client_order_id()
+        order = Order(
+            client_order_id=cid,
+            engine=self.engine,
+            market=intent.market,
+            symbol=intent.symbol,
+            side=intent.side,
+            order_type=intent.order_type,
+            amount=intent.amount,
+            price=intent.price,
+            stop_price=intent.stop_price,
+            reduce_only=intent.reduce_only,
+            state=OrderState.PENDING,
+            created_at=now,
+            updated_at=now,
+            leverage=intent.leverage,
+            reason=intent.reason,
+        )
+        await self.store.insert_order(order)
+        request = OrderRequest(
+            client_order_id=cid,
+            symbol=intent.symbol,
+            side=intent.side,
+            order_type=intent.order_type,
+            amount=intent.amount,
+            price=intent.price,
+            stop_price=intent.stop_price,
+            reduce_only=intent.reduce_only,
+            leverage=intent.leverage,
+        )
+        try:
+            update = await self.clock.wait_for(self.exchange.create_order(request), self.send_timeout)
+        except (TimeoutError, TemporaryError) as exc:
+            # The order may or may not exist on the exchange. Never send again: ask for it by id.
+            await self.store.update_order(cid, state=OrderState.UNKNOWN)
+            log.warning("order outcome unknown", engine=self.engine, client_order_id=cid, error=str(exc))
+            resolved = await self.resolve_unknown(order)
+            return resolved
+        except InsufficientFunds as exc:
+            return await self._rejected(order, f"insufficient funds: {exc}")
+        except OrderRejected as exc:
+            return await self._rejected(order, str(exc))
+        except DependencyError as exc:
+            return await self._rejected(order, str(exc))
+        except OperationalError:
+            await self.store.update_order(cid, state=OrderState.REJECTED)
+            raise
+        self.bus.publish(
+            OrderPlaced(
+                ts=self.clock.now(),
+                engine=self.engine,
+                client_order_id=cid,
+                symbol=intent.symbol,
+                side=intent.side,
+                order_type=intent.order_type,
+                amount=intent.amount,
+                price=intent.price,
+                reduce_only=intent.reduce_only,
+            )
+        )
+        return await self.apply_update(order, update)
+
+    async def _rejected(self, order: Order, reason: str) -> SubmitResult:
+        await self.store.update_order(order.client_order_id, state=OrderState.REJECTED)
+        order.state = OrderState.REJECTED
+        log.info(
+            "order rejected", engine=self.engine, client_order_id=order.client_order_id,
+            symbol=order.symbol, reason=reason,
+        )
+        self.bus.publish(
+            OrderRejectedByExchange(
+                ts=self.clock.now(), engine=self.engine, client_order_id=order.client_order_id,
+                symbol=order.symbol, reason=reason,
+            )
+        )
+        return SubmitResult(order=order, update=None, error=reason)
+
+    async def apply_update(self, order: Order, update: OrderUpdate) -> SubmitResult:
+        """Record the exchange's view of an order: its fills (idempotently) and its state."""
+        outcomes: list[FillOutcome] = []
+        for raw in update.fills:
+            fill = raw if raw.engine == self.engine else dataclasses.replace(raw, engine=self.engine)
+            outcome = await self.store.record_fill(fill, leverage=order.leverage or 1)
+            if outcome.new:
+                outcomes.append(outcome)
+                self._publish_fill(fill, outcome)
+        await self.store.update_order(
+            order.client_order_id,
+            state=update.state,
+            filled=update.filled,
+            avg_price=update.avg_price,
+            exchange_order_id=update.exchange_order_id,
+        )
+        order.state = update.state
+        order.filled = update.filled
+        order.avg_price = update.avg_price
+        order.exchange_order_id = update.exchange_order_id
+        if update.state is OrderState.CANCELED:
+            self.bus.publish(
+                OrderCanceled(
+                    ts=self.clock.now(), engine=self.engine, client_order_id=order.client_order_id,
+                    symbol=order.symbol, reason="canceled",
+                )
+            )
+        if outcomes and self.on_position_change is not None:
+            self.on_position_change(order.symbol)
+        return SubmitResult(order=order, update=update, outcomes=tuple(outcomes))
+
+    def _publish_fill(self, fill: Fill, outcome: FillOutcome) -> None:
+        now = self.clock.now()
+        self.bus.publish(
+            OrderFilled(
+                ts=now, engine=self.engine, client_order_id=fill.client_order_id, symbol=fill.symbol,
+                side=fill.side, amount=fill.amount, price=fill.price, fee=fill.fee,
+                reduce_only=fill.reduce_only,
+            )
+        )
+        closed = outcome.closed
+        if closed is not None:
+            self.bus.publish(
+                PositionClosed(
+                    ts=now, engine=self.engine, market=fill.market, symbol=fill.symbol,
+                    side=closed.side, amount=closed.amount, entry_price=closed.entry_price,
+                    exit_price=closed.exit_price, realized_pnl=closed.realized_pnl,
+                    reason=fill.client_order_id,
+                )
+            )
+        pos = outcome.position
+        if pos is not None and pos.amount > 0 and pos.opened_at >= fill.ts and closed is None:
+            self.bus.publish(
+                PositionOpened(
+                    ts=now, engine=self.engine, market=pos.market, symbol=pos.symbol, side=pos.side,
+                    amount=pos.amount, entry_price=pos.entry_price,
+                )
+            )
+
+    async def resolve_unknown(self, order: Order) -> SubmitResult:
+        """Ask the exchange what became of an order whose send had no clear answer.
+
+        OrderNotFound for longer than the grace period means the order never reached the exchange.
+        Temporary errors while asking are retried on the clock; this never sends the order again.
+        """
+        # Counted from the order's last update: after a restart an old PENDING order that the exchange
+        # does not know is settled at once, while a fresh one gets the full grace for the exchange to
+        # show it.
+        deadline = max(order.updated_at, order.created_at) + self.unknown_grace_seconds
+        delay = 0.5
+        while True:
+            try:
+                update = await self.clock.wait_for(
+                    self.exchange.fetch_order(order.symbol, order.client_order_id), self.send_timeout
+                )
+            except OrderNotFound:
+                if self.clock.now() >= deadline:
+                    log.warning(
+                        "unknown order was never placed", engine=self.engine,
+                        client_order_id=order.client_order_id,
+                    )
+                    return await self._rejected(order, "never reached the exchange")
+            except (TimeoutError, TemporaryError) as exc:
+                log.info("resolving unknown order: retrying", client_order_id=order.client_order_id,
+                         error=str(exc))
+            else:
+                log.info("unknown order resolved", engine=self.engine,
+                         client_order_id=order.client_order_id, state=str(update.state))
+                return await self.apply_update(order, update)
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def cancel(self, order: Order) -> SubmitResult:
+        try:
+            update = await self.clock.wait_for(
+                self.exchange.cancel_order(order.symbol, order.client_order_id), self.send_timeout
+            )
+        except OrderNotFound:
+            await self.store.update_order(order.client_order_id, state=OrderState.CANCELED)
+            order.state = OrderState.CANCELED
+            return SubmitResult(order=order, update=None, error="not found on exchange")
+        return await self.apply_update(order, update)
+
+    async def resolve_open_orders(self) -> list[SubmitResult]:
+        """At start-up: bring every non-terminal order of this engine in the ledger up to date."""
+        results: list[SubmitResult] = []
+        pending = await self.store.orders_in_states(
+            [OrderState.PENDING, OrderState.UNKNOWN, OrderState.OPEN, OrderState.PARTIALLY_FILLED],
+            engine=self.engine,
+        )
+        for order in pending:
+            results.append(await self.resolve_unknown(order))
+        return results

@@ -1,0 +1,124 @@
+"""Kinetic Empire's command line: `run` (the daemon, the default), `check-config`.
+
+Exit codes: 0 after a clean stop, 78 (EX_CONFIG) for bad settings — printed one line per problem, no
+traceback, so systemd does not restart-loop on them — and 1 for a crash or a failed start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from config import EX_CONFIG, SECRET_FIELDS, Settings, load_settings
+from core.clock import LiveClock
+from core.errors import ConfigError
+
+BUNDLED_DATA = Path(__file__).resolve().parent / "data"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="main.py", description="Kinetic Empire: a crypto trading daemon (paper trading by default)."
+    )
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "check-config"],
+                        help="run the daemon (default) or print the effective settings and exit")
+    parser.add_argument("--replay", nargs="?", const=str(BUNDLED_DATA), default=None, metavar="PATH",
+                        help="paper-trade on recorded candles instead of live data; PATH is a CSV(.gz) "
+                             "file or a folder of them (default: the bundled Binance sample)")
+    parser.add_argument("--speed", type=float, default=None,
+                        help="replay speed factor (default: REPLAY_SPEED, 600 = a 5m candle every 0.5 s)")
+    parser.add_argument("--env-file", default=".env", help="settings file to read (default: .env)")
+    args = parser.parse_args(argv)
+    if args.speed is not None and args.speed <= 0:
+        parser.error("--speed must be positive")
+    return args
+
+
+def check_config(settings: Settings) -> int:
+    width = max(len(name) for name in settings.masked())
+    for name, value in settings.masked().items():
+        print(f"{name.upper():<{width}}  {value}")
+    print("configuration OK")
+    return 0
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    out = []
+    for name in SECRET_FIELDS:
+        value = getattr(settings, name)
+        if value is not None:
+            out.append(value.get_secret_value())
+    return out
+
+
+async def run_daemon(settings: Settings, args: argparse.Namespace) -> int:
+    import structlog
+
+    from engines.orchestrator import Orchestrator, StartupError
+    from monitoring.wiring import build_hooks
+
+    log = structlog.get_logger("main")
+    loop = asyncio.get_running_loop()
+    replay = Path(args.replay) if args.replay is not None else None
+    orch = Orchestrator(settings, LiveClock(), replay_path=replay, speed=args.speed,
+                        hooks=build_hooks(settings))
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        name = signal.Signals(signum).name
+        if signals_seen == 1:
+            log.warning("signal received: stopping gracefully (send again to exit at once)", signal=name)
+            orch.request_stop(name)
+        else:
+            log.error("second signal: exiting at once", signal=name)
+            os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await orch.run()
+    except StartupError as exc:
+        hint = "" if replay is not None or settings.trading_mode != "paper" else (
+            " — to run offline on the bundled market data: python main.py --replay"
+        )
+        log.error(f"start-up failed: {exc}{hint}")
+        return 1
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings(env_file=args.env_file if Path(args.env_file).exists() else None)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "check-config":
+        return check_config(settings)
+
+    from monitoring.logging import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level, secrets_of(settings))
+    import structlog
+
+    try:
+        return asyncio.run(run_daemon(settings, args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        structlog.get_logger("main").critical("crashed", error=repr(exc), exc_info=exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
