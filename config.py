@@ -35,7 +35,8 @@ def _split_list(value: Any) -> Any:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False,
+        env_ignore_empty=True,
     )
 
     # --- environment ---------------------------------------------------------------------------
@@ -107,6 +108,9 @@ class Settings(BaseSettings):
     # --- exchange client, testnet and live (issue 4) ----------------------------------------------
 
     # --- operations: telegram, alerts, systemd, health endpoint (issue 5) -------------------------
+    alert_order_fills: bool = True
+    alert_position_closes: bool = True
+    alert_daily_summary_utc: Annotated[str, Field(pattern=r"^(|([01]\d|2[0-3]):[0-5]\d)$")] = ""
     http_enabled: bool = False
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=1, le=65_535)] = 9108

@@ -59,13 +59,11 @@ async def run_daemon(settings: Settings, args: argparse.Namespace) -> int:
     import structlog
 
     from engines.orchestrator import Orchestrator, StartupError
-    from monitoring.wiring import build_hooks
 
     log = structlog.get_logger("main")
     loop = asyncio.get_running_loop()
     replay = Path(args.replay) if args.replay is not None else None
-    orch = Orchestrator(settings, LiveClock(), replay_path=replay, speed=args.speed,
-                        hooks=build_hooks(settings))
+    orch = Orchestrator(settings, LiveClock(), replay_path=replay, speed=args.speed)
     signals_seen = 0
 
     def on_signal(signum: int) -> None:

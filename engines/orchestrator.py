@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from exchange.paper import PaperExchange
-from storage.ledger import Ledger
 
 from config import Settings
 from core.clock import Clock
@@ -49,6 +47,7 @@ from exchange.base import Exchange, MarketFeed, OrderRequest, quantize_down
 from exchange.feeds import LiveFeed, ReplayFeed, discover_replay_files
 from exchange.markets import paper_markets
 from exchange.orders import OrderManager
+from exchange.paper import PaperExchange
 from monitoring.control import (
     ENGINE_TARGETS,
     BalanceReport,
@@ -60,9 +59,12 @@ from monitoring.control import (
     TradeRecord,
 )
 from monitoring.health import HealthMonitor, RestartPolicy
+from monitoring.operations import Operations
+from monitoring.systemd import SystemdNotifier
 from risk.allocator import CapitalAllocator
 from risk.gate import EngineLimits, RiskGate
 from risk.monitor import GlobalRiskMonitor, RiskLimits, RiskState, Transition
+from storage.ledger import Ledger
 
 log = structlog.get_logger("orchestrator")
 
@@ -105,7 +107,8 @@ class Orchestrator:
         *,
         replay_path: Path | None = None,
         speed: float | None = None,
-        hooks: dict[str, Callable[..., Any]] | None = None,
+        notifier: SystemdNotifier | None = None,
+        telegram_base_url: str | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -119,7 +122,7 @@ class Orchestrator:
             settings.health_backoff_base_seconds,
             settings.health_backoff_max_seconds,
         )
-        self.hooks = hooks or {}
+        self.ops = Operations(settings, clock, self.bus, notifier=notifier, telegram_base_url=telegram_base_url)
         self.ledger: Ledger | None = None
         self.feed: MarketFeed | None = None
         self.parts: dict[str, EngineParts] = {}
@@ -164,6 +167,7 @@ class Orchestrator:
         timeout = self.settings.startup_stage_timeout_seconds
         started = self.clock.monotonic()
         log.info("start-up stage", stage=name)
+        self.ops.starting(name)
         try:
             result = await self.clock.wait_for(make(), timeout)
         except TimeoutError:
@@ -205,16 +209,13 @@ class Orchestrator:
         await self._stage("risk state", self._load_risk_state)
         await self._stage("engines", self._start_engines)
         await self._stage("supervisor", self._start_supervisor)
-        telegram = self.hooks.get("telegram")
-        if telegram is not None:
-            await self._stage("telegram", lambda: telegram(self))
-        else:
-            log.info("telegram disabled: no TELEGRAM_BOT_TOKEN set")
+        await self._stage("operations", lambda: self.ops.start(self))
         await self._refresh_books()
         self.bus.publish(DaemonStarted(ts=self.clock.now(), mode=self.mode,
                                        engines=tuple(self.parts), equity=self._equity))
         log.info("daemon started", mode=self.mode, engines=list(self.parts), equity=str(self._equity),
                  trading_state=str(self.trading_state))
+        self.ops.ready(f"trading {self.trading_state.value}: {', '.join(self.parts)}")
 
     async def _open_ledger(self) -> Ledger:
         return await Ledger.open(self.settings.ledger_path, self.clock)
@@ -372,14 +373,12 @@ class Orchestrator:
     async def _supervise(self) -> None:
         sup = self._supervisor()
         interval = self.settings.health_check_interval_seconds
-        notify = self.hooks.get("watchdog")
         while not self._stop.is_set():
             await sup.tick()
             await self._refresh_books()
             await self._apply_transitions(self._monitor().update(self.clock.now(), self._equity_by_engine()))
             await self._persist_progress()
-            if notify is not None:
-                notify(self)
+            self.ops.tick(await self.status())
             due = sup.next_restart_due()
             wait = interval if due is None else max(0.0, min(interval, due - self.clock.now()))
             sup.wake.clear()
@@ -499,9 +498,7 @@ class Orchestrator:
     async def _shutdown(self) -> None:
         log.info("shutting down", reason=self._stop_reason or "start-up failed")
         self.bus.publish(DaemonStopping(ts=self.clock.now(), reason=self._stop_reason))
-        stop_hook = self.hooks.get("stopping")
-        if stop_hook is not None:
-            stop_hook(self)
+        self.ops.stopping()
         if self.supervisor is not None:
             await self.supervisor.stop_all()
         for task in list(self._tasks):
@@ -517,10 +514,10 @@ class Orchestrator:
                 self._report_portfolio(final=True)
             except Exception as exc:  # the final report must not stop the flush below
                 log.error("final bookkeeping failed", error=repr(exc), exc_info=exc)
-        telegram_stop = self.hooks.get("telegram_stop")
-        if telegram_stop is not None:
-            with contextlib.suppress(Exception):
-                await self.clock.wait_for(telegram_stop(self), 10.0)
+        try:
+            await self.clock.wait_for(self.ops.stop(), 15.0)
+        except TimeoutError:
+            log.error("operations (telegram, health endpoint) did not stop within 15s")
         for task in list(self._tasks):
             if task.get_name() != "journal":
                 task.cancel()

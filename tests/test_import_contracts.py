@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -16,6 +17,32 @@ def test_import_linter_contracts_hold() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "broken" not in proc.stdout.lower().replace("0 broken", "")
+
+
+PACKAGES = ("core", "exchange", "risk", "storage", "monitoring", "engines", "backtest")
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_top_level_modules_keep_their_place() -> None:
+    """import-linter only maps packages; config.py and main.py are checked here. config sits just
+    above core; nothing imports main; core never imports config."""
+    config_imports = imported_roots(ROOT / "config.py") & {*PACKAGES, "main"}
+    assert config_imports <= {"core"}, config_imports
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            roots = imported_roots(path)
+            assert "main" not in roots, f"{path} imports main"
+            if package == "core":
+                assert "config" not in roots, f"{path}: core must not import config"
 
 
 def test_no_direct_clock_calls_outside_core_clock() -> None:

@@ -1,0 +1,832 @@
+"""The daemon's memory: orders, fills, positions, closed trades, engine/risk state and the journal.
+
+Intent before action: an order row (with its client order id) is written before the order is sent,
+and a restart resumes from what is here. Every call is one SQLite transaction, so a crash (SIGKILL
+included) leaves either all of a fill's effects (fill, position, closed trade, order progress) or
+none of them.
+
+SQLite calls block, so none of them runs on the event loop: one dedicated thread owns the connection
+and the async methods hand work to it. One thread also means calls are applied in the order they
+were made, with no locking. WAL with synchronous=NORMAL survives a process crash (a committed
+transaction is in the WAL file, which the OS keeps); FULL adds an fsync per commit for power loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import functools
+import json
+import sqlite3
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Context, Decimal, localcontext
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from core.clock import DAY_SECONDS, Clock, start_of_utc_day, utc_datetime
+from core.errors import InvariantError
+from core.types import ZERO, Fill, MarketType, Order, OrderState, OrderType, Position, PositionSide, Side
+from storage.schema import file_version, migrate, refuse_newer
+
+log = structlog.get_logger("ledger")
+
+T = TypeVar("T")
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+# Average prices and partial cost bases need a division; 40 digits keep the rounding far below any
+# exchange's precision, and a position's last reduction takes its remaining cost exactly, so a round
+# trip's realized P&L is its cash P&L.
+_MONEY = Context(prec=40)
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+
+UNSET = _Unset.UNSET
+"""Default of `update_position`'s levels: leave as is (None clears a level)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedTrade:
+    """A position from open to flat. `realized_pnl` is net of every fee paid on it; `amount` is the
+    total amount exited, `entry_price`/`exit_price` the amount-weighted averages of its fills."""
+
+    engine: str
+    market: MarketType
+    symbol: str
+    side: PositionSide
+    amount: Decimal
+    entry_price: Decimal
+    exit_price: Decimal
+    realized_pnl: Decimal
+    fees: Decimal
+    opened_at: float
+    closed_at: float
+    leverage: int = 1
+    close_order_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FillResult:
+    """What one fill did. `new` is False for a fill already recorded (then nothing changed).
+    `realized_pnl` is this fill's share: gross on a partial reduction, net of the position's
+    accumulated fees on the fill that closes it, so the sum over a round trip is its cash P&L.
+    `position` is the position after the fill (None when flat)."""
+
+    new: bool
+    position: Position | None
+    realized_pnl: Decimal
+    closed: ClosedTrade | None
+
+
+# --- position arithmetic (pure) --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Book:
+    """A position with the running totals the ledger keeps beside what `Position` shows."""
+
+    engine: str
+    market: MarketType
+    symbol: str
+    side: PositionSide
+    amount: Decimal
+    cost: Decimal
+    opened_at: float
+    leverage: int
+    realized: Decimal
+    fees: Decimal
+    entry_amount: Decimal
+    entry_value: Decimal
+    exit_amount: Decimal
+    exit_value: Decimal
+    stop_loss: Decimal | None = None
+    take_profit: Decimal | None = None
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def entry_price(self) -> Decimal:
+        with localcontext(_MONEY):
+            return self.cost / self.amount
+
+    def position(self) -> Position:
+        return Position(
+            engine=self.engine,
+            market=self.market,
+            symbol=self.symbol,
+            side=self.side,
+            amount=self.amount,
+            entry_price=self.entry_price,
+            opened_at=self.opened_at,
+            leverage=self.leverage,
+            realized_pnl=self.realized,
+            fees=self.fees,
+            stop_loss=self.stop_loss,
+            take_profit=self.take_profit,
+            meta=dict(self.meta),
+        )
+
+
+def split_symbol(symbol: str) -> tuple[str, str]:
+    """('BTC', 'USDT') for 'BTC/USDT' and for the futures form 'BTC/USDT:USDT'."""
+    base, _, rest = symbol.partition("/")
+    return base, rest.partition(":")[0]
+
+
+def fee_effect(fill: Fill) -> tuple[Decimal, Decimal]:
+    """(amount the position moves by, fee in quote currency).
+
+    Binance spot takes a buy's fee out of the bought asset, so the position grows by amount - fee and
+    the fee's quote value is the cost. A fee in a third asset (BNB) has no price here: it is recorded
+    with the fill but not charged to P&L, and logged so that a user knows the figure is incomplete.
+    """
+    base, quote = split_symbol(fill.symbol)
+    asset = fill.fee_asset.upper()
+    if fill.fee == 0 or asset in ("", quote.upper()):
+        return fill.amount, fill.fee
+    if asset == base.upper():
+        with localcontext(_MONEY):
+            if fill.side is Side.BUY:
+                if fill.fee >= fill.amount:
+                    raise InvariantError(
+                        f"fill {fill.trade_id}: base fee {fill.fee} >= amount {fill.amount}"
+                    )
+                return fill.amount - fill.fee, fill.fee * fill.price
+            return fill.amount, fill.fee * fill.price
+    log.warning("fee in a third asset not charged to P&L", symbol=fill.symbol, fee=str(fill.fee),
+                fee_asset=fill.fee_asset, trade_id=fill.trade_id)
+    return fill.amount, ZERO
+
+
+def apply_fill(
+    book: _Book | None, fill: Fill, qty: Decimal, fee: Decimal, leverage: int
+) -> tuple[_Book | None, Decimal, ClosedTrade | None]:
+    """Move a position by one fill: (position after, realized P&L of this fill, trade it closed).
+
+    Cost basis instead of a rounded entry price: a partial reduction removes its proportional share
+    of the cost, the reduction that closes removes whatever is left, so nothing is lost to rounding.
+    """
+    with localcontext(_MONEY):
+        direction = PositionSide.LONG if fill.side is Side.BUY else PositionSide.SHORT
+        if book is None:
+            return _opened(fill, direction, qty, fee, leverage), ZERO, None
+        if book.side is direction:
+            book.amount += qty
+            book.cost += qty * fill.price
+            book.entry_amount += qty
+            book.entry_value += qty * fill.price
+            book.fees += fee
+            return book, ZERO, None
+        reduce = min(qty, book.amount)
+        removed = book.cost if reduce == book.amount else book.cost * reduce / book.amount
+        exit_value = reduce * fill.price
+        gross = exit_value - removed if book.side is PositionSide.LONG else removed - exit_value
+        close_fee = fee if reduce == qty else fee * reduce / qty
+        book.amount -= reduce
+        book.cost -= removed
+        book.realized += gross
+        book.fees += close_fee
+        book.exit_amount += reduce
+        book.exit_value += exit_value
+        if book.amount > 0:
+            return book, gross, None
+        closed = ClosedTrade(
+            engine=book.engine,
+            market=book.market,
+            symbol=book.symbol,
+            side=book.side,
+            amount=book.exit_amount,
+            entry_price=book.entry_value / book.entry_amount,
+            exit_price=book.exit_value / book.exit_amount,
+            realized_pnl=book.realized - book.fees,
+            fees=book.fees,
+            opened_at=book.opened_at,
+            closed_at=fill.ts,
+            leverage=book.leverage,
+            close_order_id=fill.client_order_id,
+        )
+        realized = gross - book.fees
+        remainder = qty - reduce
+        flipped = _opened(fill, direction, remainder, fee - close_fee, leverage) if remainder > 0 else None
+        return flipped, realized, closed
+
+
+def _opened(fill: Fill, side: PositionSide, qty: Decimal, fee: Decimal, leverage: int) -> _Book:
+    value = qty * fill.price
+    return _Book(
+        engine=fill.engine, market=fill.market, symbol=fill.symbol, side=side, amount=qty, cost=value,
+        opened_at=fill.ts, leverage=leverage, realized=ZERO, fees=fee, entry_amount=qty,
+        entry_value=value, exit_amount=ZERO, exit_value=ZERO,
+    )
+
+
+# --- encoding ---------------------------------------------------------------------------------------
+
+
+def _money(value: Decimal, what: str) -> str:
+    """Decimals only, and finite: a float or a NaN reaching the ledger is a bug upstream."""
+    if not isinstance(value, Decimal) or not value.is_finite():
+        raise InvariantError(f"{what} must be a finite Decimal, got {value!r}")
+    return str(value)
+
+
+def _money_or_none(value: Decimal | None, what: str) -> str | None:
+    return None if value is None else _money(value, what)
+
+
+def _dec(text: str) -> Decimal:
+    return Decimal(text)
+
+
+def _dec_or_none(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)
+
+
+def _journal_default(obj: object) -> object:
+    """The journal records whatever an event carried; an odd value is written as text rather than
+    stopping the journal writer (which would stop the daemon)."""
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    return str(obj)
+
+
+def _order_from(row: sqlite3.Row) -> Order:
+    return Order(
+        client_order_id=row["client_order_id"],
+        engine=row["engine"],
+        market=MarketType(row["market"]),
+        symbol=row["symbol"],
+        side=Side(row["side"]),
+        order_type=OrderType(row["order_type"]),
+        amount=_dec(row["amount"]),
+        price=_dec_or_none(row["price"]),
+        stop_price=_dec_or_none(row["stop_price"]),
+        reduce_only=bool(row["reduce_only"]),
+        state=OrderState(row["state"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        filled=_dec(row["filled"]),
+        avg_price=_dec_or_none(row["avg_price"]),
+        exchange_order_id=row["exchange_order_id"],
+        leverage=row["leverage"],
+        reason=row["reason"],
+    )
+
+
+def _fill_from(row: sqlite3.Row) -> Fill:
+    return Fill(
+        client_order_id=row["client_order_id"],
+        trade_id=row["trade_id"],
+        engine=row["engine"],
+        market=MarketType(row["market"]),
+        symbol=row["symbol"],
+        side=Side(row["side"]),
+        amount=_dec(row["amount"]),
+        price=_dec(row["price"]),
+        fee=_dec(row["fee"]),
+        fee_asset=row["fee_asset"],
+        ts=row["ts"],
+        reduce_only=bool(row["reduce_only"]),
+    )
+
+
+def _book_from(row: sqlite3.Row) -> _Book:
+    return _Book(
+        engine=row["engine"],
+        market=MarketType(row["market"]),
+        symbol=row["symbol"],
+        side=PositionSide(row["side"]),
+        amount=_dec(row["amount"]),
+        cost=_dec(row["cost"]),
+        opened_at=row["opened_at"],
+        leverage=row["leverage"],
+        realized=_dec(row["realized_pnl"]),
+        fees=_dec(row["fees"]),
+        entry_amount=_dec(row["entry_amount"]),
+        entry_value=_dec(row["entry_value"]),
+        exit_amount=_dec(row["exit_amount"]),
+        exit_value=_dec(row["exit_value"]),
+        stop_loss=_dec_or_none(row["stop_loss"]),
+        take_profit=_dec_or_none(row["take_profit"]),
+        meta=json.loads(row["meta"]),
+    )
+
+
+def _trade_from(row: sqlite3.Row) -> ClosedTrade:
+    return ClosedTrade(
+        engine=row["engine"],
+        market=MarketType(row["market"]),
+        symbol=row["symbol"],
+        side=PositionSide(row["side"]),
+        amount=_dec(row["amount"]),
+        entry_price=_dec(row["entry_price"]),
+        exit_price=_dec(row["exit_price"]),
+        realized_pnl=_dec(row["realized_pnl"]),
+        fees=_dec(row["fees"]),
+        opened_at=row["opened_at"],
+        closed_at=row["closed_at"],
+        leverage=row["leverage"],
+        close_order_id=row["close_order_id"],
+    )
+
+
+# --- connection (runs on the ledger thread) -----------------------------------------------------------
+
+
+def _connect(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: transactions are begun and ended explicitly, one per ledger call.
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        try:
+            version = file_version(conn)
+        except sqlite3.DatabaseError as exc:
+            raise sqlite3.DatabaseError(f"ledger {path} cannot be read as SQLite: {exc}") from exc
+        refuse_newer(path, version)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"ledger {path}: WAL journal mode refused (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        migrate(conn, version)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _discard(connecting: Future[sqlite3.Connection]) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().close()
+
+
+def _transaction(conn: sqlite3.Connection, work: Callable[[], T], write: bool) -> T:
+    # IMMEDIATE takes the write lock up front, so a write never fails half-way on a busy lock;
+    # reads get a consistent snapshot across their statements.
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        result = work()
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+class Ledger:
+    """Open with `await Ledger.open(path, clock)`; every method is one transaction on the ledger thread."""
+
+    def __init__(self, path: Path, clock: Clock, executor: ThreadPoolExecutor,
+                 conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.clock = clock
+        self._executor = executor
+        self._conn = conn  # touched only on the ledger thread
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, clock: Clock, synchronous: Synchronous = "NORMAL") -> Ledger:
+        """Create the folder and file if needed, refuse a newer schema, apply missing migrations."""
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        path = Path(path)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        connecting = executor.submit(_connect, path, synchronous)
+        try:
+            conn = await asyncio.wrap_future(connecting)
+        except BaseException:
+            # Cancelled while connecting: the connection may still be made; close it on its thread.
+            executor.submit(_discard, connecting)
+            executor.shutdown(wait=False)
+            raise
+        log.info("ledger opened", path=str(path), synchronous=synchronous)
+        return cls(path, clock, executor, conn)
+
+    async def close(self) -> None:
+        """Checkpoint the WAL into the main file and stop the thread. Calls made before it finish
+        first (the thread runs them in order); calls after it raise. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close_sync)
+        finally:
+            self._executor.shutdown(wait=False)
+        log.info("ledger closed", path=str(self.path))
+
+    def _close_sync(self) -> None:
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
+        """Run `work` in one transaction on the ledger thread. A caller cancelled while waiting does
+        not undo it: the transaction still commits (or not) as a whole, which is why an order whose
+        insert was interrupted is looked up by its client order id, never assumed absent."""
+        if self._closed:
+            raise InvariantError(f"ledger {self.path} is closed")
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, _transaction, conn, functools.partial(work, conn), write
+        )
+
+    # --- orders ------------------------------------------------------------------------------------
+    async def insert_order(self, order: Order) -> None:
+        """Intent before action: this row exists before the order is sent. A second insert of the same
+        client order id is a broken invariant (it would mean sending an order twice)."""
+        row = (
+            order.client_order_id, order.engine, str(order.market), order.symbol, str(order.side),
+            str(order.order_type), _money(order.amount, "amount"), _money_or_none(order.price, "price"),
+            _money_or_none(order.stop_price, "stop_price"), int(order.reduce_only), str(order.state),
+            order.created_at, order.updated_at, _money(order.filled, "filled"),
+            _money_or_none(order.avg_price, "avg_price"), order.exchange_order_id, order.leverage,
+            order.reason,
+        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            except sqlite3.IntegrityError as exc:
+                raise InvariantError(
+                    f"order {order.client_order_id} is already in the ledger; refusing a duplicate"
+                ) from exc
+
+        await self._run(work)
+
+    async def update_order(
+        self,
+        client_order_id: str,
+        *,
+        state: OrderState,
+        filled: Decimal | None = None,
+        avg_price: Decimal | None = None,
+        exchange_order_id: str | None = None,
+    ) -> None:
+        """None leaves a field as it is. An unknown id raises: every order was inserted first."""
+        sets = ["state = ?", "updated_at = ?"]
+        args: list[Any] = [str(OrderState(state)), self.clock.now()]
+        if filled is not None:
+            sets.append("filled = ?")
+            args.append(_money(filled, "filled"))
+        if avg_price is not None:
+            sets.append("avg_price = ?")
+            args.append(_money(avg_price, "avg_price"))
+        if exchange_order_id is not None:
+            sets.append("exchange_order_id = ?")
+            args.append(exchange_order_id)
+        sql = f"UPDATE orders SET {', '.join(sets)} WHERE client_order_id = ?"
+
+        def work(conn: sqlite3.Connection) -> None:
+            if conn.execute(sql, [*args, client_order_id]).rowcount != 1:
+                raise InvariantError(f"update of order {client_order_id}, which the ledger does not have")
+
+        await self._run(work)
+
+    async def get_order(self, client_order_id: str) -> Order | None:
+        def work(conn: sqlite3.Connection) -> Order | None:
+            row = conn.execute("SELECT * FROM orders WHERE client_order_id = ?", (client_order_id,)).fetchone()
+            return None if row is None else _order_from(row)
+
+        return await self._run(work, write=False)
+
+    async def orders_in_states(self, states: Iterable[OrderState], engine: str | None = None) -> list[Order]:
+        """Oldest first, so orders are resolved in the order they were made."""
+        wanted = sorted({str(OrderState(s)) for s in states})
+        if not wanted:
+            return []
+        sql = f"SELECT * FROM orders WHERE state IN ({', '.join('?' * len(wanted))})"
+        args: list[Any] = list(wanted)
+        if engine is not None:
+            sql += " AND engine = ?"
+            args.append(engine)
+        sql += " ORDER BY created_at, rowid"
+
+        def work(conn: sqlite3.Connection) -> list[Order]:
+            return [_order_from(r) for r in conn.execute(sql, args)]
+
+        return await self._run(work, write=False)
+
+    async def recent_orders(self, limit: int) -> list[Order]:
+        """Newest first."""
+
+        def work(conn: sqlite3.Connection) -> list[Order]:
+            rows = conn.execute("SELECT * FROM orders ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                                (max(0, limit),))
+            return [_order_from(r) for r in rows]
+
+        return await self._run(work, write=False)
+
+    async def order_counts_by_state(self) -> dict[str, int]:
+        """Every state, zero included, so a metrics gauge never silently keeps a stale value."""
+
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            counts = {str(s): 0 for s in OrderState}
+            for state, n in conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state"):
+                counts[state] = n
+            return counts
+
+        return await self._run(work, write=False)
+
+    # --- fills and positions -----------------------------------------------------------------------
+    async def record_fill(self, fill: Fill, *, leverage: int = 1) -> FillResult:
+        """Record a fill and everything it implies, in one transaction; a repeat changes nothing."""
+        for name in ("amount", "price", "fee"):
+            _money(getattr(fill, name), f"fill {name}")
+        if fill.amount <= 0 or fill.price <= 0 or fill.fee < 0:
+            raise InvariantError(
+                f"fill {fill.client_order_id}/{fill.trade_id}: amount and price must be positive and fee "
+                f"not negative (amount={fill.amount}, price={fill.price}, fee={fill.fee})"
+            )
+        now = self.clock.now()
+        return await self._run(functools.partial(self._record_fill, fill=fill, leverage=leverage, now=now))
+
+    def _record_fill(self, conn: sqlite3.Connection, *, fill: Fill, leverage: int, now: float) -> FillResult:
+        known = conn.execute(
+            "SELECT amount, price FROM fills WHERE client_order_id = ? AND trade_id = ?",
+            (fill.client_order_id, fill.trade_id),
+        ).fetchone()
+        if known is not None:
+            if _dec(known["amount"]) != fill.amount or _dec(known["price"]) != fill.price:
+                log.warning("repeated fill differs from the recorded one; keeping the first",
+                            client_order_id=fill.client_order_id, trade_id=fill.trade_id)
+            book = self._load_book(conn, fill.engine, fill.symbol)
+            return FillResult(False, None if book is None else book.position(), ZERO, None)
+        qty, fee = fee_effect(fill)
+        book = self._load_book(conn, fill.engine, fill.symbol)
+        after, realized, closed = apply_fill(book, fill, qty, fee, leverage)
+        if closed is not None:
+            conn.execute(
+                "INSERT INTO closed_trades (engine, market, symbol, side, amount, entry_price, exit_price,"
+                " realized_pnl, fees, leverage, opened_at, closed_at, close_order_id)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (closed.engine, str(closed.market), closed.symbol, str(closed.side), str(closed.amount),
+                 str(closed.entry_price), str(closed.exit_price), str(closed.realized_pnl),
+                 str(closed.fees), closed.leverage, closed.opened_at, closed.closed_at,
+                 closed.close_order_id),
+            )
+        if after is None:
+            conn.execute("DELETE FROM positions WHERE engine = ? AND symbol = ?", (fill.engine, fill.symbol))
+        else:
+            self._save_book(conn, after, now)
+        conn.execute(
+            "INSERT INTO fills (client_order_id, trade_id, engine, market, symbol, side, amount, price,"
+            " fee, fee_asset, ts, reduce_only, realized_pnl) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (fill.client_order_id, fill.trade_id, fill.engine, str(fill.market), fill.symbol,
+             str(fill.side), str(fill.amount), str(fill.price), str(fill.fee), fill.fee_asset, fill.ts,
+             int(fill.reduce_only), str(realized)),
+        )
+        self._order_progress(conn, fill.client_order_id, now)
+        return FillResult(True, None if after is None else after.position(), realized, closed)
+
+    @staticmethod
+    def _load_book(conn: sqlite3.Connection, engine: str, symbol: str) -> _Book | None:
+        row = conn.execute("SELECT * FROM positions WHERE engine = ? AND symbol = ?", (engine, symbol)).fetchone()
+        return None if row is None else _book_from(row)
+
+    @staticmethod
+    def _save_book(conn: sqlite3.Connection, b: _Book, now: float) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO positions (engine, symbol, market, side, amount, entry_price, cost,"
+            " opened_at, leverage, realized_pnl, fees, entry_amount, entry_value, exit_amount, exit_value,"
+            " stop_loss, take_profit, meta, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (b.engine, b.symbol, str(b.market), str(b.side), str(b.amount), str(b.entry_price), str(b.cost),
+             b.opened_at, b.leverage, str(b.realized), str(b.fees), str(b.entry_amount),
+             str(b.entry_value), str(b.exit_amount), str(b.exit_value),
+             None if b.stop_loss is None else str(b.stop_loss),
+             None if b.take_profit is None else str(b.take_profit), json.dumps(b.meta), now),
+        )
+
+    @staticmethod
+    def _order_progress(conn: sqlite3.Connection, client_order_id: str, now: float) -> None:
+        """The order's filled amount and average price, from its own fills (not from what an exchange
+        said last), so they agree with the positions after a crash between the two."""
+        order = conn.execute("SELECT amount, state FROM orders WHERE client_order_id = ?",
+                             (client_order_id,)).fetchone()
+        if order is None:
+            # A fill of an order this ledger never wrote (found during reconciliation): the fill and
+            # the position count, there is no order row to advance.
+            log.warning("fill for an order not in the ledger", client_order_id=client_order_id)
+            return
+        filled = ZERO
+        value = ZERO
+        with localcontext(_MONEY):
+            for amount, price in conn.execute("SELECT amount, price FROM fills WHERE client_order_id = ?",
+                                              (client_order_id,)):
+                filled += _dec(amount)
+                value += _dec(amount) * _dec(price)
+            avg = value / filled
+        state = OrderState(order["state"])
+        if filled >= _dec(order["amount"]):
+            state = OrderState.FILLED
+        elif not state.is_terminal:
+            state = OrderState.PARTIALLY_FILLED
+        conn.execute(
+            "UPDATE orders SET filled = ?, avg_price = ?, state = ?, updated_at = ? WHERE client_order_id = ?",
+            (str(filled), str(avg), str(state), now, client_order_id),
+        )
+
+    async def fills(self, engine: str | None = None, since: float | None = None,
+                    limit: int | None = None) -> list[Fill]:
+        """Oldest first (the order they are replayed in); with `limit`, the latest `limit` of them."""
+        where: list[str] = []
+        args: list[Any] = []
+        if engine is not None:
+            where.append("engine = ?")
+            args.append(engine)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        sql = "SELECT * FROM fills" + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql += " ORDER BY ts DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(max(0, limit))
+
+        def work(conn: sqlite3.Connection) -> list[Fill]:
+            return [_fill_from(r) for r in conn.execute(sql, args)][::-1]
+
+        return await self._run(work, write=False)
+
+    async def positions(self, engine: str | None = None) -> list[Position]:
+        sql = "SELECT * FROM positions" + (" WHERE engine = ?" if engine is not None else "")
+        sql += " ORDER BY engine, symbol"
+        args = (engine,) if engine is not None else ()
+
+        def work(conn: sqlite3.Connection) -> list[Position]:
+            return [_book_from(r).position() for r in conn.execute(sql, args)]
+
+        return await self._run(work, write=False)
+
+    async def update_position(
+        self,
+        engine: str,
+        symbol: str,
+        *,
+        stop_loss: Decimal | _Unset | None = UNSET,
+        take_profit: Decimal | _Unset | None = UNSET,
+        meta: dict[str, str] | None = None,
+    ) -> bool:
+        """Set exit levels and/or replace `meta`; omitted arguments stay as they are, None clears a
+        level. Returns False when there is no such position (it closed meanwhile)."""
+        sets: list[str] = []
+        args: list[Any] = []
+        if not isinstance(stop_loss, _Unset):
+            sets.append("stop_loss = ?")
+            args.append(_money_or_none(stop_loss, "stop_loss"))
+        if not isinstance(take_profit, _Unset):
+            sets.append("take_profit = ?")
+            args.append(_money_or_none(take_profit, "take_profit"))
+        if meta is not None:
+            sets.append("meta = ?")
+            args.append(json.dumps(meta))
+        sets.append("updated_at = ?")
+        args.append(self.clock.now())
+        sql = f"UPDATE positions SET {', '.join(sets)} WHERE engine = ? AND symbol = ?"
+
+        def work(conn: sqlite3.Connection) -> bool:
+            return bool(conn.execute(sql, [*args, engine, symbol]).rowcount == 1)
+
+        return await self._run(work)
+
+    async def closed_trades(self, engine: str | None = None, limit: int = 50) -> list[ClosedTrade]:
+        """Newest first."""
+        sql = "SELECT * FROM closed_trades" + (" WHERE engine = ?" if engine is not None else "")
+        sql += " ORDER BY closed_at DESC, id DESC LIMIT ?"
+        args: list[Any] = [engine] if engine is not None else []
+        args.append(max(0, limit))
+
+        def work(conn: sqlite3.Connection) -> list[ClosedTrade]:
+            return [_trade_from(r) for r in conn.execute(sql, args)]
+
+        return await self._run(work, write=False)
+
+    async def realized_pnl_by_day(self, days: int, now: float) -> list[tuple[str, str, Decimal, int]]:
+        """(UTC day, engine, net realized P&L, trades closed) for the last `days` days including today,
+        oldest day first. A trade counts on the day it closed."""
+        if days < 1:
+            raise ValueError(f"days must be at least 1, got {days}")
+        start = start_of_utc_day(now) - (days - 1) * DAY_SECONDS
+
+        def work(conn: sqlite3.Connection) -> list[tuple[str, str, Decimal, int]]:
+            totals: dict[tuple[str, str], tuple[Decimal, int]] = {}
+            rows = conn.execute(
+                "SELECT engine, realized_pnl, closed_at FROM closed_trades WHERE closed_at >= ? AND "
+                "closed_at <= ?", (start, now))
+            with localcontext(_MONEY):
+                for engine, pnl, closed_at in rows:
+                    key = (utc_datetime(closed_at).strftime("%Y-%m-%d"), engine)
+                    total, n = totals.get(key, (ZERO, 0))
+                    totals[key] = (total + _dec(pnl), n + 1)
+            return [(day, engine, p, n) for (day, engine), (p, n) in sorted(totals.items())]
+
+        return await self._run(work, write=False)
+
+    async def realized_pnl(self, engine: str | None = None) -> Decimal:
+        """All time: closed trades net of their fees, plus what partial reductions of still-open
+        positions realized (their fees are charged when they close). Equals the sum of every
+        FillResult.realized_pnl."""
+        where = " WHERE engine = ?" if engine is not None else ""
+        args = (engine,) if engine is not None else ()
+
+        def work(conn: sqlite3.Connection) -> Decimal:
+            total = ZERO
+            with localcontext(_MONEY):
+                for (pnl,) in conn.execute(f"SELECT realized_pnl FROM closed_trades{where}", args):
+                    total += _dec(pnl)
+                for (pnl,) in conn.execute(f"SELECT realized_pnl FROM positions{where}", args):
+                    total += _dec(pnl)
+            return total
+
+        return await self._run(work, write=False)
+
+    # --- key-value state ---------------------------------------------------------------------------
+    async def get_state(self, key: str) -> dict[str, Any] | None:
+        def work(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            return None if row is None else dict(json.loads(row[0]))
+
+        return await self._run(work, write=False)
+
+    async def set_state(self, key: str, value: dict[str, Any]) -> None:
+        """Plain JSON, strictly: a Decimal must be passed as a string, so that it comes back as the
+        same text instead of silently turning into a float."""
+        if not isinstance(value, dict):
+            raise TypeError(f"state {key!r} must be a dict, got {type(value).__name__}")
+        now = self.clock.now()
+
+        def work(conn: sqlite3.Connection) -> None:
+            try:
+                text = json.dumps(value)
+            except TypeError as exc:
+                raise TypeError(f"state {key!r} is not plain JSON ({exc}); store Decimals as str") from exc
+            conn.execute("INSERT OR REPLACE INTO state (key, value, updated_at) VALUES (?, ?, ?)",
+                         (key, text, now))
+
+        await self._run(work)
+
+    async def next_sequence(self, name: str) -> int:
+        """1, 2, 3, ... per name, persisted before it is returned, so an id built from it is never
+        handed out twice, even across a crash."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "INSERT INTO sequences (name, value) VALUES (?, 1) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value",
+                (name,),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(work)
+
+    # --- journal -----------------------------------------------------------------------------------
+    async def journal(self, kind: str, payload: dict[str, Any], ts: float) -> None:
+        await self.journal_many([(kind, payload, ts)])
+
+    async def journal_many(self, rows: list[tuple[str, dict[str, Any], float]]) -> None:
+        """A burst of events in one transaction (one commit instead of one per event)."""
+        if not rows:
+            return
+        batch = list(rows)
+
+        def work(conn: sqlite3.Connection) -> None:
+            encoded = [(ts, kind, json.dumps(payload, default=_journal_default)) for kind, payload, ts in batch]
+            conn.executemany("INSERT INTO journal (ts, kind, payload) VALUES (?, ?, ?)", encoded)
+
+        await self._run(work)
+
+    async def read_journal(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first (in the order written): dicts with id, ts, kind and payload."""
+        sql = "SELECT id, ts, kind, payload FROM journal" + (" WHERE kind = ?" if kind is not None else "")
+        sql += " ORDER BY id DESC LIMIT ?"
+        args: list[Any] = [kind] if kind is not None else []
+        args.append(max(0, limit))
+
+        def work(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            return [{"id": r["id"], "ts": r["ts"], "kind": r["kind"], "payload": json.loads(r["payload"])}
+                    for r in conn.execute(sql, args)]
+
+        return await self._run(work, write=False)
