@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     # --- futures engine --------------------------------------------------------------------------
     futures_enabled: bool = False
     futures_allocation_pct: Pct = 40.0
+    # (futures engine settings, issue 3: add below this line)
 
     # --- global risk -----------------------------------------------------------------------------
     global_max_daily_loss_pct: PositivePct = 5.0
@@ -106,6 +107,13 @@ class Settings(BaseSettings):
     health_backoff_max_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
 
     # --- exchange client, testnet and live (issue 4) ----------------------------------------------
+    # Send every Binance request to this base URL instead (http://127.0.0.1:PORT): loopback fakes only.
+    exchange_url_override: Annotated[str, Field(pattern=r"^https?://[^/\s]+$")] | None = None
+    exchange_max_retries: Annotated[int, Field(ge=0, le=10)] = 4
+    exchange_backoff_base_seconds: Annotated[float, Field(gt=0, le=60)] = 0.25
+    exchange_backoff_max_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # Share of Binance's request-weight limit per minute the daemon may use (both engines together).
+    exchange_weight_share_pct: Annotated[float, Field(gt=0, le=100)] = 75.0
 
     # --- operations: telegram, alerts, systemd, health endpoint (issue 5) -------------------------
     alert_order_fills: bool = True

@@ -9,21 +9,29 @@ How the numbers stay equal:
 
 * Recursive filters (EMA, Wilder smoothing in RSI and ATR) run in C through `scipy.signal.lfilter`,
   which evaluates the same first-order recursion TA-Lib does; seeds are summed in TA-Lib's order.
+  The MACD line is the difference of two such filters, run as one second-order filter.
 * Where TA-Lib keeps a running total (the SMA inside STOCH, the money-flow sums of MFI) it leaves
-  rounding residue where the exact answer is 0 (e.g. 5e-15 for a window of zeros). No tolerance
-  is "relative" to a residue, so those totals are reproduced operation for operation: the
-  add-then-subtract sequence is laid out as one array and summed by `np.cumsum`, which rounds
-  after every step exactly as TA-Lib's loop does.
-* Plain moving sums of prices use short shifted adds, or for long windows prefix sums restarted
-  every `_BLOCK` bars relative to a local anchor price. A single prefix sum over a million BTC bars
-  would carry ~1e-6 of absolute error, and a variance from sums of squares would lose most of its
-  digits; anchored short blocks keep both near machine precision, as TA-Lib's own shifted-data
-  variance does.
-* Degenerate windows (flat prices, no money flow) are detected exactly and answer what TA-Lib
-  answers.
+  rounding residue where the exact answer is 0 (e.g. 5e-15 for a window of zeros). No relative
+  tolerance survives a residue compared with an exact zero, so those totals are reproduced
+  operation for operation: TA-Lib's add-then-subtract sequence is laid out in one buffer and
+  summed by `np.cumsum`, which rounds after every step exactly as TA-Lib's loop does. Two
+  independent totals share one complex cumsum (real and imaginary parts), at the cost of one.
+* Other window statistics are built by doubling: sums (and Chan's pairwise mean/variance updates)
+  of runs of 1, 2, 4, ... bars, combined along the binary expansion of the period. That takes
+  log2(period) vectorised passes, never forms a sum of squares at the price level (so a variance
+  cannot cancel), and gives exactly 0 for a flat window, as TA-Lib does.
+* CCI divides by the distance of today's price from the window mean. Where that distance is a few
+  ulps of the price, TA-Lib's own summation order decides its leading digits, so there the mean is
+  recomputed in that order (a circular buffer summed slot by slot).
+* Degenerate windows (flat prices, no money flow) answer what TA-Lib answers.
 
-Work is done in cache-sized chunks written straight into the output arrays: at a million bars a
-whole-array temporary costs more in page faults than the arithmetic on it.
+One limit: MACD's line, signal and histogram are differences of price-sized EMAs. Near a crossing
+TA-Lib's own rounding (a few ulps of the price, from a recursion that no vectorised form rounds
+identically) is their leading digit, so there they agree to ~1e-15 of the price, not 1e-9 of the
+value.
+
+Work runs in cache-sized chunks written straight into the output arrays: at a million bars a
+whole-array temporary costs more in page faults than the arithmetic done on it.
 
 Every function raises ValueError for a period below 1, a non-1-D input or inputs of different
 lengths: those are programming errors in the caller, not market conditions. Market conditions (flat
@@ -43,7 +51,6 @@ import numpy.typing as npt
 from scipy.signal import lfilter
 
 FloatArray = npt.NDArray[np.float64]
-BoolArray = npt.NDArray[np.bool_]
 
 __all__ = [
     "FloatArray",
@@ -58,15 +65,9 @@ __all__ = [
     "stochastic",
 ]
 
-# Elements per chunk: a handful of chunk-sized temporaries stay inside L2.
+# Bars per chunk: the few chunk-sized temporaries of a step stay in L2.
 _CHUNK = 1 << 15
-# Up to this window length a moving sum is a chain of shifted adds over a cached chunk: cheaper
-# than prefix sums, exact to a few ulps, and with no anchor involved.
-_SHIFT_ADD_MAX = 32
-# Longer windows use prefix sums restarted every _BLOCK bars (or the next power of two >= the
-# window, if larger), each block taken relative to its first value.
-_BLOCK = 64
-# TA-Lib's scale-aware zero (TA_IS_ZERO_SCALED): |v| <= 1e-14 * scale. Used where TA-Lib decides
+# TA-Lib's scale-aware zero (TA_IS_ZERO_SCALED): |v| <= 1e-14 * scale. TA-Lib uses it to decide
 # that a difference of comparable magnitudes is "no change" (CCI, MFI).
 _TA_EPSILON = 1e-14
 
@@ -101,23 +102,25 @@ def _period(value: Any, name: str) -> int:
 
 
 def _warmup(n: int, first: int) -> FloatArray:
-    """Output array: NaN before `first`, uninitialised after (the caller fills it)."""
+    """Output array: NaN before `first`; the caller fills the rest."""
     out = np.empty(n)
     out[: min(first, n)] = np.nan
     return out
 
 
-def _spans(lo: int, hi: int, size: int = _CHUNK) -> Iterator[tuple[int, int]]:
-    for start in range(lo, hi, size):
-        yield start, min(start + size, hi)
+def _spans(lo: int, hi: int, size: int = 0) -> Iterator[tuple[int, int]]:
+    """[lo, hi) cut into chunks of `size` bars (default _CHUNK, read at call time)."""
+    step = size or _CHUNK
+    for start in range(lo, hi, step):
+        yield start, min(start + step, hi)
 
 
 # --------------------------------------------------------------------------- numeric building blocks
 
 
-def _seq_sum(values: FloatArray) -> float:
-    """Left-to-right sum from 0.0: the order TA-Lib accumulates in (np.sum is pairwise)."""
-    return float(np.cumsum(values)[-1]) if len(values) else 0.0
+def _seq_sum(values: npt.NDArray[Any]) -> Any:
+    """Left-to-right sum from 0.0, the order TA-Lib accumulates in (np.sum is pairwise)."""
+    return np.cumsum(values)[-1] if len(values) else values.dtype.type(0)
 
 
 def _recursive_into(dst: FloatArray, src: FloatArray, alpha: float, beta: float, seed: float) -> None:
@@ -130,130 +133,106 @@ def _recursive_into(dst: FloatArray, src: FloatArray, alpha: float, beta: float,
         dst[lo:hi] = y
 
 
-def _ema_into(dst: FloatArray, src: FloatArray, p: int, start: int) -> int:
-    """TA-Lib EMA of src seeded with the mean of src[start : start+p]; fills dst from the seed on.
-
-    Returns the index of the first value, or len(src) if there is none.
-    """
+def _ema_into(dst: FloatArray, src: FloatArray, p: int, start: int) -> None:
+    """TA-Lib EMA of src seeded with the mean of src[start : start+p]; fills dst from the seed on."""
     first = start + p - 1
     if first >= len(src):
-        return len(src)
+        return
     k = 2.0 / (p + 1)
-    seed = _seq_sum(src[start : first + 1]) / p
+    seed = float(_seq_sum(src[start : first + 1])) / p
     dst[first] = seed
     _recursive_into(dst[first + 1 :], src[first + 1 :], k, 1.0 - k, seed)
-    return first
 
 
-def _shift_sum_into(dst: FloatArray, x: FloatArray, p: int) -> None:
-    """dst[i] = x[i] + x[i+1] + ... + x[i+p-1], oldest first; len(dst) == len(x) - p + 1."""
-    m = len(dst)
-    np.copyto(dst, x[:m])
-    for k in range(1, p):
-        dst += x[k : k + m]
+def _rolling(x: npt.NDArray[Any], p: int, op: Callable[..., Any]) -> npt.NDArray[Any]:
+    """Idempotent op (maximum, minimum, logical_and) over every p-window, by doubling.
 
-
-def _rolling_extreme(x: npt.NDArray[Any], p: int, op: Callable[..., Any]) -> npt.NDArray[Any]:
-    """op (maximum, minimum, logical_and) over every p-window by doubling. Length len(x) - p + 1."""
+    Length len(x) - p + 1; log2(p) passes.
+    """
     if p == 1:
         return x
-    cur = x
+    run = x
     width = 1
     while 2 * width <= p:
-        cur = op(cur[:-width], cur[width:])  # cur[i] now covers x[i : i + 2*width]
+        run = op(run[:-width], run[width:])  # run[i] now covers x[i : i + 2*width]
         width *= 2
     m = len(x) - p + 1
     if width == p:
-        return cur[:m]
-    result: npt.NDArray[Any] = op(cur[:m], cur[p - width : p - width + m])
+        return run[:m]
+    result: npt.NDArray[Any] = op(run[:m], run[p - width : p - width + m])
     return result
 
 
-def _anchored_moments(
-    x: FloatArray, p: int, *, second: bool
-) -> tuple[FloatArray, FloatArray | None]:
-    """Mean (and population variance) of every p-window of a price-like series. Length len(x)-p+1.
+def _window_sum(x: FloatArray, p: int) -> FloatArray:
+    """Sum of every p-window, length len(x) - p + 1, in about 2*log2(p) vectorised passes.
 
-    Each block of `width` bars is shifted by its first value before its prefix sums are taken, so
-    sums and sums of squares stay at the scale of the local spread, not of the price level; a
-    window starting in the previous block has that block's tail re-anchored by the shift
-    identities sum(x-b) = sum(x-a) - m(b-a) and sum((x-b)^2) = sum((x-a)^2) - 2(b-a)sum(x-a) +
-    m(b-a)^2.
+    Sums of power-of-two runs are built by doubling and each window is assembled from the runs
+    of p's binary expansion: a pairwise sum of its own values, accurate to a few ulps and exactly
+    0.0 for a window of zeros, with no running total to drift.
     """
-    n = len(x)
-    width = max(_BLOCK, 1 << (p - 1).bit_length())
-    blocks = -(-n // width)
-    grid = np.empty((blocks, width))
-    flat = grid.reshape(-1)
-    flat[:n] = x
-    flat[n:] = x[-1]
-    anchor = grid[:, 0].copy()
-    grid -= anchor[:, None]
-    prefix1 = np.cumsum(grid, axis=1)
-    s1 = prefix1.copy()
-    if width > p:
-        s1[:, p:] -= prefix1[:, : width - p]
-    s2: FloatArray | None = None
-    prefix2: FloatArray | None = None
-    if second:
-        grid *= grid
-        prefix2 = np.cumsum(grid, axis=1)
-        s2 = prefix2.copy()
-        if width > p:
-            s2[:, p:] -= prefix2[:, : width - p]
-    if p > 1 and blocks > 1:
-        # The window ending at offset o < p-1 takes its first m = p-1-o values from the end of
-        # the previous block.
-        m = np.arange(p - 1, 0, -1, dtype=np.float64)
-        delta = (anchor[1:] - anchor[:-1])[:, None]
-        q1 = prefix1[:-1, width - 1 : width] - prefix1[:-1, width - p : width - 1]
-        s1[1:, : p - 1] += q1 - m * delta
-        if s2 is not None and prefix2 is not None:
-            q2 = prefix2[:-1, width - 1 : width] - prefix2[:-1, width - p : width - 1]
-            s2[1:, : p - 1] += q2 - 2.0 * delta * q1 + m * (delta * delta)
-    lo, hi = p - 1, n
-    mean_dev = s1.reshape(-1)[lo:hi] / p
-    mean = np.repeat(anchor, width)[lo:hi] + mean_dev
-    if s2 is None:
-        return mean, None
-    var = s2.reshape(-1)[lo:hi] / p - mean_dev * mean_dev
-    np.maximum(var, 0.0, out=var)
-    return mean, var
+    m = len(x) - p + 1
+    out: FloatArray | None = None
+    offset = 0
+    run = x
+    width = 1
+    while True:
+        if p & width:
+            part = run[offset : offset + m]
+            out = part.copy() if out is None else np.add(out, part, out=out)
+            offset += width
+        if 2 * width > p:
+            break
+        run = run[:-width] + run[width:]  # run[i] now covers x[i : i + 2*width]
+        width *= 2
+    assert out is not None
+    return out
 
 
-def _window_mean(x: FloatArray, p: int) -> FloatArray:
-    """Mean of every p-window of a price-like series (chunk-sized input). Length len(x) - p + 1."""
-    if p <= _SHIFT_ADD_MAX:
-        out = np.empty(len(x) - p + 1)
-        _shift_sum_into(out, x, p)
-        out /= p
-        return out
-    return _anchored_moments(x, p, second=False)[0]
+def _window_mean_var(x: FloatArray, p: int) -> tuple[FloatArray, FloatArray]:
+    """Mean and population variance of every p-window, length len(x) - p + 1.
 
-
-def _talib_sma_into(dst: FloatArray, src: FloatArray, p: int, start: int) -> int:
-    """TA-Lib's SMA of src[start:] bit for bit, written to dst from its first value on.
-
-    TA-Lib keeps one running total: add the newest value, emit total/p, subtract the oldest. The
-    whole add/subtract sequence is interleaved into one buffer and summed by np.cumsum, which
-    rounds after each step as the C loop does, so window sums that should be 0 carry the same
-    residue TA-Lib's do. Returns the index of the first value (len(src) if none).
+    Built like _window_sum but carrying (mean, M2 = sum of squared deviations) and merging two
+    runs with Chan et al.'s pairwise update M2 = M2a + M2b + delta^2 * na*nb/(na+nb). No sum of
+    squares at the price level is formed, so nothing cancels: the variance is as precise as a
+    two-pass one, and a window of identical values has a variance of exactly 0.0.
     """
-    n = len(src)
-    first = start + p - 1
-    if first >= n:
-        return n
-    carry = _seq_sum(src[start:first])
-    buf = np.empty(2 * _CHUNK)
-    for lo, hi in _spans(first, n):
-        z = buf[: 2 * (hi - lo)]
-        z[0::2] = src[lo:hi]
-        np.negative(src[lo - p + 1 : hi - p + 1], out=z[1::2])
-        z[0] += carry
-        np.cumsum(z, out=z)
-        np.divide(z[0::2], p, out=dst[lo:hi])
-        carry = float(z[-1])
-    return first
+    m = len(x) - p + 1
+    mean: FloatArray | None = None
+    m2: FloatArray | None = None
+    count = 0
+    offset = 0
+    run_mean = x
+    run_m2 = np.zeros(len(x))  # runs of one bar have no spread
+    width = 1
+    while True:
+        if p & width:
+            part_mean = run_mean[offset : offset + m]
+            part_m2 = run_m2[offset : offset + m]
+            if mean is None or m2 is None:
+                mean, m2 = part_mean.copy(), part_m2.copy()
+            else:
+                total = count + width
+                delta = part_mean - mean
+                m2 += part_m2
+                m2 += delta * delta * (count * width / total)
+                delta *= width / total
+                mean += delta
+            count += width
+            offset += width
+        if 2 * width > p:
+            break
+        left, right = run_mean[:-width], run_mean[width:]
+        delta = right - left
+        run_m2 = run_m2[:-width] + run_m2[width:]
+        run_mean = left + right
+        run_mean *= 0.5
+        delta *= delta
+        delta *= width / 2.0
+        run_m2 += delta
+        width *= 2
+    assert mean is not None and m2 is not None
+    m2 /= p
+    return mean, m2
 
 
 # --------------------------------------------------------------------------- moving averages
@@ -268,13 +247,8 @@ def sma(x: npt.ArrayLike, period: int) -> FloatArray:
     p = _period(period, "period")
     n = len(values)
     out = _warmup(n, p - 1)
-    for lo, hi in _spans(p - 1, n):
-        window = values[lo - p + 1 : hi]
-        if p <= _SHIFT_ADD_MAX:
-            _shift_sum_into(out[lo:hi], window, p)
-            out[lo:hi] /= p
-        else:
-            out[lo:hi] = _anchored_moments(window, p, second=False)[0]
+    for lo, hi in _spans(p - 1, n, max(_CHUNK, 4 * p)):
+        np.divide(_window_sum(values[lo - p + 1 : hi], p), p, out=out[lo:hi])
     return out
 
 
@@ -314,10 +288,19 @@ def macd(
     if first >= n:
         return line, sig_line, hist
     start = s - 1
-    # sig_line and hist serve as scratch for the two price EMAs until the line exists.
-    _ema_into(sig_line, values, s, 0)
-    _ema_into(hist, values, f, s - f)
-    np.subtract(hist[start:], sig_line[start:], out=line[start:])
+    # The line is one second-order filter of the price (the difference of the two EMA filters),
+    # started from the two seeds: one pass instead of two EMAs and a subtraction.
+    k_fast, k_slow = 2.0 / (f + 1), 2.0 / (s + 1)
+    b_fast, b_slow = 1.0 - k_fast, 1.0 - k_slow
+    seed_fast = float(_seq_sum(values[s - f : s])) / f
+    seed_slow = float(_seq_sum(values[:s])) / s
+    line[start] = seed_fast - seed_slow
+    b = np.array([k_fast - k_slow, k_slow * b_fast - k_fast * b_slow])
+    a = np.array([1.0, -(b_fast + b_slow), b_fast * b_slow])
+    state = np.array([b_fast * seed_fast - b_slow * seed_slow, -b_fast * b_slow * line[start]])
+    for lo, hi in _spans(start + 1, n):
+        y, state = lfilter(b, a, values[lo:hi], zi=state)
+        line[lo:hi] = y
     _ema_into(sig_line, line, sig, start)
     np.subtract(line[first:], sig_line[first:], out=hist[first:])
     line[:first] = np.nan
@@ -345,8 +328,8 @@ def rsi(close: npt.ArrayLike, period: int = 14) -> FloatArray:
         return out
     head = np.diff(values[: p + 1])
     head_gain = np.maximum(head, 0.0)
-    avg_gain = _seq_sum(head_gain) / p
-    avg_loss = _seq_sum(head_gain - head) / p
+    avg_gain = float(_seq_sum(head_gain)) / p
+    avg_loss = float(_seq_sum(head_gain - head)) / p
     total = avg_gain + avg_loss
     out[p] = 100.0 * (avg_gain / total) if total > 0.0 else 0.0
     beta = (p - 1) / p
@@ -355,16 +338,16 @@ def rsi(close: npt.ArrayLike, period: int = 14) -> FloatArray:
     state_gain = np.array([beta * avg_gain])
     state_loss = np.array([beta * avg_loss])
     for lo, hi in _spans(p + 1, n):
-        diff = values[lo:hi] - values[lo - 1 : hi - 1]
-        gain = np.maximum(diff, 0.0)
-        diff -= gain
-        np.negative(diff, out=diff)  # the loss: exactly -diff where diff < 0, else 0.0
-        g, state_gain = lfilter(b, a, gain, zi=state_gain)
-        lo_, state_loss = lfilter(b, a, diff, zi=state_loss)
-        lo_ += g
+        change = values[lo:hi] - values[lo - 1 : hi - 1]
+        gain = np.maximum(change, 0.0)
+        np.subtract(gain, change, out=change)  # the loss: exactly -change where change < 0, else 0
+        avg_g, state_gain = lfilter(b, a, gain, zi=state_gain)
+        avg_l, state_loss = lfilter(b, a, change, zi=state_loss)
+        avg_l += avg_g
         res = out[lo:hi]
-        res.fill(0.0)
-        np.divide(g, lo_, out=res, where=lo_ > 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(avg_g, avg_l, out=res)
+        np.copyto(res, 0.0, where=avg_l <= 0.0)  # no gain and no loss at all: TA-Lib says 0
         res *= 100.0
     return out
 
@@ -385,35 +368,74 @@ def stochastic(
     starts them together. Raises ValueError if any period < 1 (a programming error).
     """
     h = _series(high, "high")
-    lo_ = _series(low, "low")
+    lw = _series(low, "low")
     c = _series(close, "close")
-    n = _same_length(high=h, low=lo_, close=c)
+    n = _same_length(high=h, low=lw, close=c)
     fk = _period(fastk_period, "fastk_period")
     sk = _period(slowk_period, "slowk_period")
     sd = _period(slowd_period, "slowd_period")
-    first = fk + sk + sd - 3
+    k_first = fk + sk - 2  # first slow %K: TA-Lib computes sd-1 of them before it outputs any
+    first = k_first + sd - 1
     slow_k, slow_d = _warmup(n, first), _warmup(n, first)
     if first >= n:
         return slow_k, slow_d
-    # slow_d holds fast %K until slow %K has consumed it.
-    for lo, hi in _spans(fk - 1, n):
-        highest = _rolling_extreme(h[lo - fk + 1 : hi], fk, np.maximum)
-        lowest = _rolling_extreme(lo_[lo - fk + 1 : hi], fk, np.minimum)
-        span = highest - lowest
-        res = slow_d[lo:hi]
-        res.fill(0.0)
-        np.divide(c[lo:hi] - lowest, span, out=res, where=span != 0.0)
-        res *= 100.0
-    k_start = _talib_sma_into(slow_k, slow_d, sk, fk - 1)
-    _talib_sma_into(slow_d, slow_k, sd, k_start)
+    # slow_d holds fast %K until slow %K has read it. The running totals of slow %K and slow %D
+    # share one complex cumsum, %D one chunk behind the %K values it averages.
+    fast_k = slow_d
+    _fast_k_into(fast_k, h, lw, c, fk, fk - 1, k_first)
+    carry_k = float(_seq_sum(fast_k[fk - 1 : k_first]))
+    carry_d = 0.0
+    d_started = False
+    buf = np.empty(2 * _CHUNK, dtype=np.complex128)
+    prev_lo = prev_hi = k_first
+    for lo, hi in [*_spans(k_first, n), (n, n)]:
+        _fast_k_into(fast_k, h, lw, c, fk, lo, hi)
+        d_lo, d_hi = max(prev_lo, first), prev_hi
+        k_len, d_len = hi - lo, max(d_hi - d_lo, 0)
+        prev_lo, prev_hi = lo, hi
+        if d_len and not d_started:
+            carry_d = float(_seq_sum(slow_k[k_first:first]))
+            d_started = True
+        if not (k_len or d_len):
+            continue
+        z = buf[: 2 * max(k_len, d_len)]
+        zk, zd = z.real, z.imag
+        zk[2 * k_len :] = 0.0
+        zd[2 * d_len :] = 0.0
+        if k_len:
+            zk[0 : 2 * k_len : 2] = fast_k[lo:hi]
+            np.negative(fast_k[lo - sk + 1 : hi - sk + 1], out=zk[1 : 2 * k_len : 2])
+        if d_len:
+            zd[0 : 2 * d_len : 2] = slow_k[d_lo:d_hi]
+            np.negative(slow_k[d_lo - sd + 1 : d_hi - sd + 1], out=zd[1 : 2 * d_len : 2])
+        zk[0] += carry_k
+        zd[0] += carry_d
+        np.cumsum(z, out=z)
+        if k_len:
+            np.divide(zk[0 : 2 * k_len : 2], sk, out=slow_k[lo:hi])
+            carry_k = float(zk[2 * k_len - 1])
+        if d_len:
+            np.divide(zd[0 : 2 * d_len : 2], sd, out=slow_d[d_lo:d_hi])
+            carry_d = float(zd[2 * d_len - 1])
     slow_k[:first] = np.nan
     slow_d[:first] = np.nan
     return slow_k, slow_d
 
 
-def cci(
-    high: npt.ArrayLike, low: npt.ArrayLike, close: npt.ArrayLike, period: int = 14
-) -> FloatArray:
+def _fast_k_into(dst: FloatArray, h: FloatArray, lw: FloatArray, c: FloatArray, fk: int, lo: int, hi: int) -> None:
+    """TA-Lib's raw %K for bars lo..hi-1: (close - lowest)/(highest - lowest)*100, 0.0 if flat."""
+    if hi <= lo:
+        return
+    highest = _rolling(h[lo - fk + 1 : hi], fk, np.maximum)
+    lowest = _rolling(lw[lo - fk + 1 : hi], fk, np.minimum)
+    span = highest - lowest
+    res = dst[lo:hi]
+    res.fill(0.0)
+    np.divide(c[lo:hi] - lowest, span, out=res, where=span != 0.0)
+    res *= 100.0
+
+
+def cci(high: npt.ArrayLike, low: npt.ArrayLike, close: npt.ArrayLike, period: int = 14) -> FloatArray:
     """Commodity Channel Index (TA-Lib CCI) on the typical price (high+low+close)/3.
 
     CCI = (tp - mean)/(0.015 * mean absolute deviation) over `period` bars, NaN before index
@@ -422,42 +444,66 @@ def cci(
     period < 1 (a programming error).
     """
     h = _series(high, "high")
-    lo_ = _series(low, "low")
+    lw = _series(low, "low")
     c = _series(close, "close")
-    n = _same_length(high=h, low=lo_, close=c)
+    n = _same_length(high=h, low=lw, close=c)
     p = _period(period, "period")
     out = _warmup(n, p - 1)
-    for lo, hi in _spans(p - 1, n):
+    for lo, hi in _spans(p - 1, n, max(_CHUNK, 4 * p)):
         m = hi - lo
         a = lo - p + 1
-        tp = h[a:hi] + lo_[a:hi]
+        tp = h[a:hi] + lw[a:hi]
         tp += c[a:hi]
         tp /= 3.0
-        mean = _window_mean(tp, p)
-        dev = np.abs(tp[:m] - mean)
+        total = _window_sum(tp, p)
+        mean = total / p
+        # sum|tp_k - mean| = 2 * (sum max(tp_k, mean) - sum tp_k): two passes per bar of the
+        # window instead of three. The subtraction costs a few ulps of period*price, under 1e-11
+        # of any deviation a traded market shows.
+        above = np.maximum(tp[:m], mean)
         buf = np.empty(m)
         for k in range(1, p):
-            np.subtract(tp[k : k + m], mean, out=buf)
-            np.abs(buf, out=buf)
-            dev += buf
+            np.maximum(tp[k : k + m], mean, out=buf)
+            above += buf
+        above -= total
+        above *= 2.0 * 0.015 / p  # now 0.015 * mean absolute deviation
         num = tp[p - 1 :] - mean
         scale = np.abs(mean)
-        valid = np.abs(num) > _TA_EPSILON * scale
-        scale *= _TA_EPSILON * p
-        valid &= dev > scale
-        dev *= 0.015 / p
+        _exact_near_mean(num, tp, lo, a, p, scale)
+        scale *= _TA_EPSILON
+        valid = np.abs(num) > scale
+        scale *= 0.015  # TA-Lib's zero test on the deviation, in the units of `above`
+        valid &= above > scale
         res = out[lo:hi]
         res.fill(0.0)
-        np.divide(num, dev, out=res, where=valid)
+        np.divide(num, above, out=res, where=valid)
     return out
+
+
+def _exact_near_mean(num: FloatArray, tp: FloatArray, lo: int, a: int, p: int, scale: FloatArray) -> None:
+    """Redo tp - mean in TA-Lib's own summation order where today's price sits near the mean.
+
+    There the numerator is a difference of nearly equal numbers and the last-bit difference
+    between any two ways of summing the window becomes its leading digit. TA-Lib sums a circular
+    buffer in slot order (slot j holds the bar whose index is j mod p), so the window ending at
+    bar t is summed from the bar t - (t mod p) onwards and wraps around; reproduce that sum.
+    Elsewhere (|num| > 1e-5 of the price) the ordinary mean is within 1e-10 relative.
+    """
+    near = np.flatnonzero(np.abs(num) <= 1e-5 * scale)
+    if not len(near):
+        return
+    t = near + lo
+    acc = np.zeros(len(t))
+    for j in range(p):
+        acc += tp[t - (t - j) % p - a]
+    acc /= p
+    num[near] = tp[t - a] - acc
 
 
 # --------------------------------------------------------------------------- volatility and volume
 
 
-def atr(
-    high: npt.ArrayLike, low: npt.ArrayLike, close: npt.ArrayLike, period: int = 14
-) -> FloatArray:
+def atr(high: npt.ArrayLike, low: npt.ArrayLike, close: npt.ArrayLike, period: int = 14) -> FloatArray:
     """Average True Range (TA-Lib ATR, Wilder smoothing, no unstable period).
 
     True range needs the previous close, so the first value, at index `period`, is the plain mean
@@ -465,9 +511,9 @@ def atr(
     if period < 1 (a programming error).
     """
     h = _series(high, "high")
-    lo_ = _series(low, "low")
+    lw = _series(low, "low")
     c = _series(close, "close")
-    n = _same_length(high=h, low=lo_, close=c)
+    n = _same_length(high=h, low=lw, close=c)
     p = _period(period, "period")
     out = _warmup(n, p)
     if n <= p:
@@ -475,14 +521,21 @@ def atr(
 
     def true_range(lo: int, hi: int) -> FloatArray:
         prev = c[lo - 1 : hi - 1]
-        tr = h[lo:hi] - lo_[lo:hi]
-        np.maximum(tr, np.abs(prev - h[lo:hi]), out=tr)
-        np.maximum(tr, np.abs(prev - lo_[lo:hi]), out=tr)
+        hi_, lo_ = h[lo:hi], lw[lo:hi]
+        if np.all(hi_ >= lo_):
+            # With high >= low, TA-Lib's greatest of high-low, |prev-high| and |prev-low| is the
+            # very same subtraction as max(high, prev) - min(low, prev): identical bits, 3 passes.
+            top = np.maximum(hi_, prev)
+            top -= np.minimum(lo_, prev)
+            return top
+        tr = hi_ - lo_
+        np.maximum(tr, np.abs(prev - hi_), out=tr)
+        np.maximum(tr, np.abs(prev - lo_), out=tr)
         return tr
 
     beta = (p - 1) / p
-    alpha = 1.0 - beta  # as TA-Lib: alpha derived from beta, so alpha + beta == 1 exactly
-    seed = _seq_sum(true_range(1, p + 1)) / p
+    alpha = 1.0 - beta  # as TA-Lib: alpha derived from beta, so that alpha + beta == 1 exactly
+    seed = float(_seq_sum(true_range(1, p + 1))) / p
     out[p] = seed
     b = np.array([alpha])
     a = np.array([1.0, -beta])
@@ -508,15 +561,8 @@ def bollinger(
     dn = float(nbdev_dn)
     n = len(values)
     upper, middle, lower = _warmup(n, p - 1), _warmup(n, p - 1), _warmup(n, p - 1)
-    for lo, hi in _spans(p - 1, n):
-        window = values[lo - p + 1 : hi]
-        mean, var = _anchored_moments(window, p, second=True)
-        assert var is not None
-        if p > 1:
-            flat = _rolling_extreme(window[1:] == window[:-1], p - 1, np.logical_and)
-            var[flat] = 0.0
-        else:
-            var.fill(0.0)
+    for lo, hi in _spans(p - 1, n, max(_CHUNK, 4 * p)):
+        mean, var = _window_mean_var(values[lo - p + 1 : hi], p)
         np.sqrt(var, out=var)
         middle[lo:hi] = mean
         np.multiply(var, up, out=upper[lo:hi])
@@ -541,72 +587,79 @@ def mfi(
     0.0, as TA-Lib does. Raises ValueError if period < 1 (a programming error).
     """
     h = _series(high, "high")
-    lo_ = _series(low, "low")
+    lw = _series(low, "low")
     c = _series(close, "close")
     v = _series(volume, "volume")
-    n = _same_length(high=h, low=lo_, close=c, volume=v)
+    n = _same_length(high=h, low=lw, close=c, volume=v)
     p = _period(period, "period")
     out = _warmup(n, p)
     if n <= p:
         return out
 
-    def flows(lo: int, hi: int) -> npt.NDArray[np.complex128]:
-        """Money flow of bars lo..hi-1 (lo >= 1) as positive + 1j*negative."""
-        tp = h[lo - 1 : hi] + lo_[lo - 1 : hi]
+    def flows(lo: int, hi: int) -> tuple[FloatArray, FloatArray]:
+        """Positive and negative money flow of bars lo..hi-1 (lo >= 1)."""
+        tp = h[lo - 1 : hi] + lw[lo - 1 : hi]
         tp += c[lo - 1 : hi]
         tp /= 3.0
-        cur = tp[1:]
-        prev = tp[:-1]
+        cur, prev = tp[1:], tp[:-1]
         move = cur - prev
-        scale = np.abs(cur) + np.abs(prev)
+        size = np.abs(tp)
+        scale = size[1:] + size[:-1]
         scale *= _TA_EPSILON
+        np.abs(move, out=size[1:])
         money = cur * v[lo:hi]
-        money[np.abs(move) <= scale] = 0.0
-        w = np.zeros(hi - lo, dtype=np.complex128)
-        falling = move < 0.0
-        w.real = money
-        w.real[falling] = 0.0
-        w.imag[falling] = money[falling]
-        return w
+        np.copyto(money, 0.0, where=size[1:] <= scale)
+        # Split by direction with arithmetic, not masks: a rise or fall is a coin flip, and a
+        # masked copy mispredicts on every other bar. money - neg is exact (x - x or x - 0).
+        neg = money * (move < 0.0)
+        money -= neg
+        return money, neg
 
-    def emit(sums: npt.NDArray[np.complex128], dst: FloatArray) -> None:
-        pos = sums.real
-        total = pos + sums.imag
-        clamped = np.clip(pos, 0.0, np.maximum(total, 0.0))
+    def emit(total_pos: FloatArray, total_neg: FloatArray, dst: FloatArray) -> None:
+        """100 * pos/(pos+neg), with pos clamped into [0, pos+neg] and 0.0 for an empty window."""
+        total = total_pos + total_neg
+        clamped = np.maximum(total_pos, 0.0)
+        np.minimum(clamped, total, out=clamped)  # only matters where total > 0
         dst.fill(0.0)
         np.divide(clamped, total, out=dst, where=total > 0.0)
         dst *= 100.0
 
-    # TA-Lib restarts both sums at exactly 0.0 once `period` consecutive bars carried no flow;
-    # after that they stay 0.0 (only zeros enter and leave) until flow returns.
-    head = flows(1, p + 1)
-    total = np.cumsum(head)[-1] if not np.all(head == 0.0) else 0j
-    first_sum = np.array([total])
-    emit(first_sum, out[p : p + 1])
-    carry = complex(first_sum[0])
-    empty_run = int(np.all(head == 0.0))  # 1 while the current window is known to be empty
+    # TA-Lib restarts both sums at exactly 0.0 as soon as `period` consecutive bars carried no
+    # flow; from there they stay 0.0 (only zeros enter and leave) until flow returns. Only the
+    # first bar of each such stretch needs the restart.
+    head_pos, head_neg = flows(1, p + 1)
+    was_empty = not (np.any(head_pos) or np.any(head_neg))
+    carry = 0j if was_empty else complex(float(_seq_sum(head_pos)), float(_seq_sum(head_neg)))
+    emit(np.array([carry.real]), np.array([carry.imag]), out[p : p + 1])
     buf = np.empty(2 * _CHUNK, dtype=np.complex128)
     for lo, hi in _spans(p + 1, n):
-        w = flows(lo - p, hi)  # bars lo-p .. hi-1: leaving and entering bars of every step
-        entering = w[p:]
-        leaving = w[: hi - lo]
-        # window ending at bar t is empty iff bars t-p+1..t all carried nothing
-        empty = _rolling_extreme(w[1:] == 0.0, p, np.logical_and)
-        starts = np.flatnonzero(empty & ~np.concatenate(([bool(empty_run)], empty[:-1])))
-        z = buf[: 2 * (hi - lo)]
-        z[0::2] = -leaving
-        z[1::2] = entering
+        pos, neg = flows(lo - p, hi)  # bars lo-p .. hi-1: the leaving and entering bar of each step
+        steps = hi - lo
+        nothing = pos == 0.0
+        nothing &= neg == 0.0
+        empty = _rolling(nothing[1:], p, np.logical_and)  # window ending at each step's bar is empty
+        restarts = np.flatnonzero(empty[1:] & ~empty[:-1]) + 1
+        if empty[0] and not was_empty:
+            restarts = np.concatenate(([0], restarts))
+        was_empty = bool(empty[-1])
+        # Step j subtracts the leaving bar, then adds the entering one (TA-Lib's order): in the
+        # float view of z that is -pos, -neg, +pos, +neg for each step.
+        z = buf[: 2 * steps]
+        zf = z.view(np.float64)
+        np.negative(pos[:steps], out=zf[0::4])
+        np.negative(neg[:steps], out=zf[1::4])
+        zf[2::4] = pos[p:]
+        zf[3::4] = neg[p:]
         seg_lo = 0
-        for stop in [*starts.tolist(), hi - lo]:
-            seg = z[2 * seg_lo : 2 * stop + (2 if stop < hi - lo else 0)]
+        for stop in [*restarts.tolist(), steps]:
+            seg = z[2 * seg_lo : 2 * stop + (2 if stop < steps else 0)]
             if len(seg):
                 seg[0] += carry
                 np.cumsum(seg, out=seg)
                 carry = complex(seg[-1])
-            if stop < hi - lo:
+            if stop < steps:
                 z[2 * stop + 1] = 0.0
                 carry = 0j
-                seg_lo = stop + 1
-        empty_run = int(empty[-1])
-        emit(z[1::2], out[lo:hi])
+            seg_lo = stop + 1
+        emit(zf[2::4], zf[3::4], out[lo:hi])
     return out

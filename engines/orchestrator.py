@@ -306,7 +306,7 @@ class Orchestrator:
                 resting = await ledger.orders_in_states([OrderState.OPEN, OrderState.PARTIALLY_FILLED],
                                                          engine=name)
                 part.exchange.restore(fills, [
-                    OrderRequest(o.client_order_id, o.symbol, o.side, o.order_type, o.amount - o.filled,
+                    OrderRequest(o.client_order_id, o.symbol, o.side, o.order_type, o.amount,
                                  o.price, o.stop_price, o.reduce_only, o.leverage) for o in resting
                 ])
             results = await part.orders.resolve_open_orders()

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import ccxt.async_support as ccxt_async
 import numpy as np
 import structlog
-from ccxt.base.errors import BadResponse, BaseError, NetworkError
+from ccxt.base.errors import BaseError, NetworkError
 
 from core.clock import Clock
 from core.errors import DependencyError, OperationalError, TemporaryError
@@ -38,11 +38,11 @@ def _exchange_class(market_type: MarketType) -> Any:
     return ccxt_async.binanceusdm if market_type is MarketType.FUTURES else ccxt_async.binance
 
 
-def _ccxt_config(market_type: MarketType, timeout_seconds: float) -> dict[str, Any]:
+def _ccxt_config(market_type: MarketType, timeout_seconds: float, rate_limit: bool) -> dict[str, Any]:
     # Public data only: skip the currency and margin endpoints load_markets would call with keys.
     options: dict[str, Any] = {"fetchCurrencies": False, "fetchMargins": False}
     options["fetchMarkets"] = {"types": ["linear" if market_type is MarketType.FUTURES else "spot"]}
-    return {"enableRateLimit": True, "timeout": int(timeout_seconds * 1000), "options": options}
+    return {"enableRateLimit": rate_limit, "timeout": int(timeout_seconds * 1000), "options": options}
 
 
 def loopback_api_urls(base_url: str, market_type: MarketType = MarketType.SPOT) -> dict[str, str]:
@@ -119,6 +119,7 @@ class LiveFeed:
         backoff_base_seconds: float = 0.5,
         backoff_max_seconds: float = 10.0,
         rng: random.Random | None = None,
+        enable_rate_limit: bool = True,
     ) -> None:
         self._clock = clock
         self._symbols = list(dict.fromkeys(symbols))
@@ -140,6 +141,8 @@ class LiveFeed:
         self._backoff_base = backoff_base_seconds
         self._backoff_max = backoff_max_seconds
         self._rng = rng if rng is not None else random.Random()
+        # ccxt's own request pacing (Binance weights); only a loopback test server may do without it.
+        self._rate_limit = enable_rate_limit
         self._signal = UpdateSignal(clock)
         self._tickers: dict[str, Ticker] = {}
         self._candles: dict[tuple[str, str], tuple[CandleArrays, float]] = {}
@@ -168,7 +171,9 @@ class LiveFeed:
         """
         if self._task is not None:
             return
-        exchange = _exchange_class(self.market_type)(_ccxt_config(self.market_type, self._timeout))
+        exchange = _exchange_class(self.market_type)(
+            _ccxt_config(self.market_type, self._timeout, self._rate_limit)
+        )
         if self._urls:
             exchange.urls["api"] = {**exchange.urls["api"], **self._urls}
         self._exchange = exchange
@@ -221,10 +226,7 @@ class LiveFeed:
     # --- polling ------------------------------------------------------------------------------------
 
     async def poll_once(self, *, candles: bool = True) -> bool:
-        """One polling round (tickers, and candles if asked). True if anything new was accepted.
-
-        The polling task calls this; tests may call it directly after `start()`.
-        """
+        """One polling round (tickers, and candles if asked). True if anything new was accepted."""
         changed = await self._poll_tickers()
         if candles:
             for symbol in self._symbols:
@@ -264,7 +266,7 @@ class LiveFeed:
                          retry_in=round(pause, 3))
                 await self._clock.sleep(pause)
                 delay = min(delay * 2, self._backoff_max)
-            except (BadResponse, BaseError) as exc:
+            except BaseError as exc:  # an answer, but not a usable one: skip it this round
                 raise DependencyError(f"{what}: {_one_line(exc)}") from exc
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 

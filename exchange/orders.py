@@ -337,14 +337,14 @@ class OrderManager:
             delay = min(delay * 2, 5.0)
 
     async def cancel(self, order: Order) -> SubmitResult:
+        """Cancel by client order id. Binance answers "unknown order" for an order that already filled,
+        so a not-found cancel is settled by asking for the order, never by assuming it was cancelled."""
         try:
             update = await self.clock.wait_for(
                 self.exchange.cancel_order(order.symbol, order.client_order_id), self.send_timeout
             )
         except OrderNotFound:
-            await self.store.update_order(order.client_order_id, state=OrderState.CANCELED)
-            order.state = OrderState.CANCELED
-            return SubmitResult(order=order, update=None, error="not found on exchange")
+            return await self.resolve_unknown(order)
         return await self.apply_update(order, update)
 
     async def resolve_open_orders(self) -> list[SubmitResult]:

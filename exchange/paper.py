@@ -244,7 +244,7 @@ class PaperExchange:
             self._rest(order, info, check_funds=True)
         self._orders[req.client_order_id] = order
         log.debug("paper order", client_order_id=req.client_order_id, symbol=req.symbol, side=str(req.side),
-                 type=str(req.order_type), amount=str(req.amount), state=str(order.state))
+                  type=str(req.order_type), amount=str(req.amount), state=str(order.state))
         return order.update()
 
     async def fetch_order(self, symbol: str, client_order_id: str) -> OrderUpdate:
@@ -344,6 +344,10 @@ class PaperExchange:
         """Rebuild all paper state from the ledger: starting balances plus every fill (in time order,
         through `apply_fill`), and the resting orders re-opened with their funds locked again.
 
+        `open_orders` carry each order as it was placed (its full amount, as the ledger stores it);
+        the fills of the same client order id count against that amount here, so a fill recorded just
+        before a crash that left the order's row behind cannot be executed twice.
+
         Orders known only by their fills come back FILLED (as MARKET orders: the fill does not say
         which type it was), so a re-sent client id is still recognized as already placed.
         """
@@ -368,7 +372,11 @@ class PaperExchange:
                 log.error("open order for an unknown market not restored", client_order_id=cid,
                           symbol=request.symbol)
                 continue
-            req = self._normalized(request, info, check_minimums=False)
+            try:
+                req = self._normalized(request, info, check_minimums=False)
+            except OrderRejected as exc:
+                log.error("malformed open order not restored", client_order_id=cid, reason=str(exc))
+                continue
             order = _PaperOrder(req, _exchange_order_id(cid), OrderState.OPEN, now, now,
                                 fills=by_order.pop(cid, []))
             if order.remaining <= 0:

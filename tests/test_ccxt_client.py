@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 
+from config import load_settings
 from core.clock import LiveClock, SimClock
 from core.errors import DependencyError, OperationalError, OrderNotFound, OrderRejected
 from core.types import MarketType, OrderState, OrderType, PositionSide, Side
 from exchange.base import OrderRequest
 from exchange.ccxt_client import CcxtExchange
+from exchange.errors import SendOutcomeUnknown
 from exchange.ratelimit import BudgetRegistry, WeightBudget
 from tests.fakes.binance import API_KEY, API_SECRET, FakeBinance
 
@@ -28,6 +34,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 Make = Callable[..., Awaitable[CcxtExchange]]
 
 SPOT, FUT = MarketType.SPOT, MarketType.FUTURES
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def bounded(seconds: float) -> Callable[[F], F]:
@@ -448,3 +455,64 @@ async def test_weight_budget_waits_on_the_clock_when_spent() -> None:
     for market, limit in ((SPOT, 6000), (FUT, 2400)):
         preset = WeightBudget.for_binance(market, clock)
         assert preset.burst + 60 * preset.rate_per_second <= 0.8 * limit
+
+
+@bounded(10)
+async def test_settings_build_a_trading_client_or_a_public_one_for_paper(fake: FakeBinance) -> None:
+    clock = LiveClock()
+    settings = load_settings(None, trading_mode="testnet", binance_api_key=API_KEY,
+                             binance_api_secret=API_SECRET, exchange_url_override=fake.url,
+                             exchange_timeout_seconds=3, exchange_max_retries=1)
+    client = CcxtExchange.from_settings(settings, SPOT, clock)
+    try:
+        assert (client.mode, client.timeout_seconds, client.max_retries) == ("testnet", 3, 1)
+        await client.load_markets()
+        assert (await client.fetch_balance()).free["USDT"] == Decimal("10000")
+    finally:
+        await client.close()
+    paper = CcxtExchange.from_settings(load_settings(None, binance_api_key=API_KEY), SPOT, clock)
+    assert paper.mode == "public" and not paper.is_live
+    await paper.close()
+
+
+@bounded(20)
+async def test_fake_runs_standalone_for_a_daemon_in_a_subprocess() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.fakes.binance", "--port", "0", cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    client: CcxtExchange | None = None
+    try:
+        url = (await proc.stdout.readline()).decode().strip()
+        assert url.startswith("http://127.0.0.1:")
+        client = CcxtExchange(SPOT, LiveClock(), api_key=API_KEY, api_secret=API_SECRET, mode="testnet",
+                              timeout_seconds=2, urls_override=url)
+        await client.load_markets()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            # A harness drives it over HTTP: a fault for the next order, then the exchange's own record.
+            await http.post(f"{url}/_fake/faults", json={"kind": "drop", "path": "/api/v3/order",
+                                                         "method": "POST"})
+            with pytest.raises(SendOutcomeUnknown):
+                await client.create_order(order("ke-sub", "BTC/USDT", Side.BUY, "0.001", price=Decimal("60000")))
+            state = await (await http.get(f"{url}/_fake/state")).json()
+        assert [(o["client_order_id"], o["status"]) for o in state["orders"]] == [("ke-sub", "FILLED")]
+        assert state["create_calls"] == [["spot", "ke-sub"]]
+    finally:
+        if client is not None:
+            await client.close()
+        proc.terminate()
+        await proc.wait()
+    assert proc.returncode == 0
+
+
+@bounded(10)
+async def test_fake_serves_klines_in_binance_shape(fake: FakeBinance) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        for prefix in ("/api/v3", "/fapi/v1"):
+            url = f"{fake.url}{prefix}/klines?symbol=ETHUSDT&interval=5m&limit=12"
+            rows = await (await http.get(url)).json()
+            assert len(rows) == 12 and all(len(r) == 12 for r in rows)
+            opens = [r[0] for r in rows]
+            assert opens == sorted(opens) and {b - a for a, b in itertools.pairwise(opens)} == {300_000}
+            assert all(Decimal(r[3]) <= Decimal(r[4]) <= Decimal(r[2]) for r in rows)  # low <= close <= high

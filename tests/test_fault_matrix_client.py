@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any, TypeVar
 
+import aiohttp
+import ccxt.async_support as ccxt
 import pytest
 
 from core.clock import LiveClock, SimClock
@@ -29,7 +31,14 @@ from core.errors import (
 from core.types import MarketType, OrderState, OrderType, Side
 from exchange.base import OrderRequest
 from exchange.ccxt_client import CcxtExchange
-from exchange.errors import ClockSkew, MalformedResponse, RateLimited, SendOutcomeUnknown
+from exchange.errors import (
+    ClockSkew,
+    DuplicateClientOrderId,
+    MalformedResponse,
+    RateLimited,
+    SendOutcomeUnknown,
+    translate,
+)
 from tests.fakes.binance import API_KEY, API_SECRET, FakeBinance
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -416,3 +425,59 @@ async def test_secrets_and_signatures_never_reach_error_messages(make: Make, fak
         assert API_KEY not in text and API_SECRET not in text
         assert not any(sig and sig in text for sig in signatures)
     assert any("signature=***" in m for m in messages)  # the URL is kept, its signature is not
+
+
+def _transport_failure() -> Exception:
+    try:
+        try:
+            raise aiohttp.ClientPayloadError("Response payload is not completed")
+        except aiohttp.ClientError as cause:
+            raise ccxt.ExchangeError("binance POST http://127.0.0.1/api/v3/order") from cause
+    except ccxt.ExchangeError as exc:
+        return exc
+
+
+TRANSLATIONS = [
+    (ccxt.RequestTimeout("binance GET /api/v3/account"), TemporaryError),
+    (ccxt.ExchangeNotAvailable("binance 503"), TemporaryError),
+    (ccxt.OnMaintenance("binance system maintenance"), TemporaryError),
+    (ccxt.NetworkError("reset"), TemporaryError),
+    (ccxt.DDoSProtection("binance 429"), RateLimited),
+    (ccxt.RateLimitExceeded('binance {"code":-1003}'), RateLimited),
+    (ccxt.InvalidNonce('binance {"code":-1021}'), ClockSkew),
+    (ccxt.BadResponse("not json"), MalformedResponse),
+    (TimeoutError(), TemporaryError),
+    (ccxt.OrderNotFound('binance {"code":-2013}'), OrderNotFound),
+    (ccxt.InsufficientFunds('binance {"code":-2010,"msg":"Account has insufficient balance"}'), InsufficientFunds),
+    (ccxt.InvalidOrder('binance {"code":-2010,"msg":"Duplicate order sent."}'), DuplicateClientOrderId),
+    (ccxt.InvalidOrder('binance {"code":-1013,"msg":"Filter failure: LOT_SIZE"}'), OrderRejected),
+    (ccxt.ExchangeError('binanceusdm {"code": -4116, "msg": "ClientOrderId is duplicated."}'), DuplicateClientOrderId),
+    (ccxt.ExchangeError('binanceusdm {"code": -2019, "msg": "Margin is insufficient."}'), InsufficientFunds),
+    (ccxt.ExchangeError('binanceusdm {"code": -2022, "msg": "ReduceOnly Order is rejected."}'), OrderRejected),
+    (ccxt.BadSymbol('binance {"code":-1121,"msg":"Invalid symbol."}'), DependencyError),
+    (ccxt.BadRequest('binance {"code":-1100,"msg":"Illegal characters"}'), DependencyError),
+    (ccxt.AuthenticationError('binance {"code":-2015}'), OperationalError),
+    (ccxt.PermissionDenied("no trading permission"), OperationalError),
+    (ccxt.AccountSuspended("account suspended"), OperationalError),
+    (ccxt.ExchangeError('binance {"code":-9999,"msg":"something new"}'), DependencyError),
+]
+
+
+@pytest.mark.parametrize(("exc", "kind"), TRANSLATIONS, ids=lambda v: type(v).__name__)
+def test_translate_sorts_ccxt_errors_by_what_to_do(exc: Exception, kind: type[Exception]) -> None:
+    translated = translate(exc)
+    assert type(translated) is kind
+    assert str(exc) in str(translated)  # the exchange's own words are kept
+
+
+def test_translate_treats_a_connection_broken_mid_answer_as_temporary() -> None:
+    assert type(translate(_transport_failure())) is TemporaryError
+
+
+def test_translate_never_carries_keys_or_signatures() -> None:
+    exc = ccxt.RequestTimeout(
+        f"binance GET http://x/api/v3/account?timestamp=1&signature={'ab12' * 16} key={API_KEY} {API_SECRET}"
+    )
+    text = str(translate(exc, secrets=(API_KEY, API_SECRET)))
+    assert "ab12ab12" not in text and API_KEY not in text and API_SECRET not in text
+    assert "signature=***" in text

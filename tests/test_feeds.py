@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from core.clock import SimClock
 from core.errors import DependencyError, OperationalError
+from core.types import MarketType
 from exchange.candles import find_gaps, load_candles, load_candles_async, resample, timeframe_seconds
 from exchange.feeds import LiveFeed, ReplayFeed, discover_replay_files, loopback_api_urls
 
@@ -413,7 +414,8 @@ def kline_rows(n: int, price: float) -> list[list[Any]]:
 
 
 class FakeBinance:
-    """Just enough of Binance's public spot REST API for ccxt: exchangeInfo, ticker/24hr, klines.
+    """Just enough of Binance's public REST API for ccxt: exchangeInfo, ticker/24hr, klines (spot and
+    USD-M futures) and the futures book ticker.
 
     `faults[path]` is a list of HTTP statuses served (and consumed) before the normal answer;
     `hang` makes exchangeInfo never answer.
@@ -453,17 +455,32 @@ class FakeBinance:
         pending = self.faults.get(path)
         if pending:
             return web.Response(status=pending.pop(0), text="<html>Service Unavailable</html>")
-        if path == "/api/v3/exchangeInfo":
+        if path in ("/api/v3/exchangeInfo", "/fapi/v1/exchangeInfo"):
             if self.hang:
                 await self._release.wait()
+            futures = path.startswith("/fapi")
+            symbols = [spot_symbol("BTCUSDT", "BTC"), spot_symbol("ETHUSDT", "ETH")]
+            if futures:
+                symbols = [{**sym, "contractType": "PERPETUAL", "marginAsset": "USDT"} for sym in symbols]
             return web.json_response({
                 "timezone": "UTC", "serverTime": int(NOW * 1000), "rateLimits": [], "exchangeFilters": [],
-                "symbols": [spot_symbol("BTCUSDT", "BTC"), spot_symbol("ETHUSDT", "ETH")],
+                "symbols": symbols,
             })
         if path == "/api/v3/ticker/24hr":
             wanted = json.loads(request.query.get("symbols", "[]")) or list(self.tickers)
             return web.json_response([self.tickers[s] for s in wanted if s in self.tickers])
-        if path == "/api/v3/klines":
+        if path == "/fapi/v1/ticker/24hr":  # USD-M 24h tickers carry no bid/ask
+            return web.json_response([
+                {k: v for k, v in t.items() if k not in ("bidPrice", "bidQty", "askPrice", "askQty")}
+                for t in self.tickers.values()
+            ])
+        if path == "/fapi/v1/ticker/bookTicker":
+            return web.json_response([
+                {"symbol": t["symbol"], "bidPrice": t["bidPrice"], "bidQty": "1", "askPrice": t["askPrice"],
+                 "askQty": "1", "time": int(NOW * 1000)}
+                for t in self.tickers.values()
+            ])
+        if path in ("/api/v3/klines", "/fapi/v1/klines"):
             rows = self.klines.get(request.query["symbol"], [])
             limit = int(request.query.get("limit", "500"))
             return web.json_response(rows[-limit:])
@@ -503,14 +520,29 @@ async def binance() -> AsyncIterator[FakeBinance]:
         await fake.stop()
 
 
-def live_feed(clock: SimClock, base_url: str, **kw: Any) -> LiveFeed:
+def live_feed(clock: SimClock, base_url: str, *, timeout_seconds: float = 1000.0, **kw: Any) -> LiveFeed:
+    """The fake answers over real sockets while the feed's clock is simulated: a generous simulated
+    timeout keeps the tests' clock steps from timing out a request that is merely in flight. The
+    timeout itself is tested on its own (test_a_silent_exchange_times_out_at_start). ccxt's request
+    pacing sleeps in real time, so it is off against the loopback server."""
     return LiveFeed(clock, ["BTC/USDT", "ETH/USDT"], ["5m"], poll_seconds=5.0, candle_poll_seconds=60.0,
-                    timeout_seconds=10.0, urls=loopback_api_urls(base_url), rng=random.Random(7), **kw)
+                    timeout_seconds=timeout_seconds, urls=loopback_api_urls(base_url), rng=random.Random(7),
+                    enable_rate_limit=False, **kw)
 
 
 async def next_version(feed: LiveFeed, after: int) -> int:
     """Wait (real time, bounded) for the feed to publish past `after`: the fake answers over sockets."""
     return await asyncio.wait_for(feed.wait_update(after, timeout=1e9), 10)
+
+
+async def advance_until(clock: SimClock, done: Callable[[], bool], step: float, what: str) -> None:
+    """Move the simulated clock in steps, giving the real sockets a moment after each (bounded)."""
+    for _ in range(50):
+        if done():
+            return
+        await clock.advance(step)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
 
 
 async def test_live_feed_serves_validated_tickers_and_closed_candles(binance: FakeBinance) -> None:
@@ -566,26 +598,15 @@ async def test_live_feed_rejects_bad_data_per_symbol_and_recovers(binance: FakeB
             # Empty klines are rejected too; a good ticker is accepted on the next round.
             binance.klines["ETHUSDT"] = []
             binance.tickers["ETHUSDT"] = binance.ticker("ETHUSDT", 2001.0)
-            v = feed.version
-            await clock.advance(60)
-            await next_version(feed, v)
-            await binance.wait_requests("/api/v3/klines", 4)
+            await advance_until(clock, lambda: feed.ticker("ETH/USDT") is not None, 1.0, "a good ETH ticker")
             eth = feed.ticker("ETH/USDT")
             assert eth is not None and eth.last == Decimal("2001.0")
+            await advance_until(
+                clock, lambda: any(e["event"] == "bad candles rejected" and e["problem"] == "empty response"
+                                   for e in logs), 5.0, "the next candle round")
             assert feed.candles("ETH/USDT", "5m") is None
-            assert any(e["event"] == "bad candles rejected" and e["problem"] == "empty response" for e in logs)
         finally:
             await feed.stop()
-
-
-async def advance_until(clock: SimClock, done: Callable[[], bool], step: float, what: str) -> None:
-    """Move the simulated clock in steps, giving the real sockets a moment after each (bounded)."""
-    for _ in range(50):
-        if done():
-            return
-        await clock.advance(step)
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def test_live_feed_retries_temporary_errors_with_backoff(binance: FakeBinance) -> None:
@@ -621,6 +642,24 @@ async def test_live_feed_skips_a_round_after_repeated_failures_and_stays_up(bina
             await feed.stop()
 
 
+async def test_futures_feed_takes_bid_and_ask_from_the_book_ticker(binance: FakeBinance) -> None:
+    clock = SimClock()
+    feed = LiveFeed(clock, ["BTC/USDT:USDT"], ["5m"], market_type=MarketType.FUTURES,
+                    urls=loopback_api_urls(binance.base_url, MarketType.FUTURES), timeout_seconds=1000.0,
+                    enable_rate_limit=False)
+    await feed.start()
+    try:
+        await next_version(feed, 0)
+        btc = feed.ticker("BTC/USDT:USDT")
+        assert btc is not None
+        assert (btc.bid, btc.ask, btc.last) == (Decimal("36999.5"), Decimal("37000.5"), Decimal("37000.0"))
+        candles = feed.candles("BTC/USDT:USDT", "5m")
+        assert candles is not None and len(candles) == 29
+    finally:
+        await feed.stop()
+    assert {"/fapi/v1/ticker/24hr", "/fapi/v1/ticker/bookTicker", "/fapi/v1/klines"} <= set(binance.requests)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -641,7 +680,7 @@ async def test_unreachable_exchange_is_an_operational_error_with_the_offline_hin
 async def test_a_silent_exchange_times_out_at_start(binance: FakeBinance) -> None:
     binance.hang = True
     clock = SimClock()
-    feed = live_feed(clock, binance.base_url)
+    feed = live_feed(clock, binance.base_url, timeout_seconds=10.0)
     start = asyncio.create_task(feed.start())
     await asyncio.wait_for(binance.wait_requests("/api/v3/exchangeInfo", 1), 10)
     await clock.advance(10)
@@ -651,7 +690,8 @@ async def test_a_silent_exchange_times_out_at_start(binance: FakeBinance) -> Non
 
 async def test_unknown_symbol_is_refused_at_start(binance: FakeBinance) -> None:
     clock = SimClock()
-    feed = LiveFeed(clock, ["DOGE/USDT"], ["5m"], urls=loopback_api_urls(binance.base_url))
+    feed = LiveFeed(clock, ["DOGE/USDT"], ["5m"], urls=loopback_api_urls(binance.base_url),
+                    enable_rate_limit=False)
     with pytest.raises(OperationalError, match="no market DOGE/USDT"):
         await asyncio.wait_for(feed.start(), 10)
 

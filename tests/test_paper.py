@@ -470,3 +470,19 @@ async def test_restore_reopens_resting_orders_which_then_fill_as_before() -> Non
     feed.set("BTC/USDT", "31000.00", "31001.00")
     assert [u.fills for u in rebuilt.process_prices()] == [u.fills for u in live.process_prices()]
     assert await snapshot(rebuilt) == await snapshot(live)
+
+
+async def test_restore_counts_fills_against_an_order_the_ledger_still_shows_open() -> None:
+    # A crash between recording the fill and updating the order's row leaves the order "open" in the
+    # ledger with its fill already there: restore must not execute it a second time.
+    live, feed, clock = make()
+    feed.set("BTC/USDT", "30000.00", "30001.00")
+    await live.create_order(req("l1", Side.BUY, "0.1", otype=OrderType.LIMIT, price="29000"))
+    feed.set("BTC/USDT", "28990.00", "28995.00")
+    (filled,) = live.process_prices()
+    rebuilt, _, _ = make(clock=clock, feed=feed)
+    rebuilt.restore(filled.fills, [req("l1", Side.BUY, "0.1", otype=OrderType.LIMIT, price="29000")])
+    assert await rebuilt.fetch_open_orders([]) == []
+    assert (await rebuilt.fetch_order("BTC/USDT", "l1")).state is OrderState.FILLED
+    assert rebuilt.process_prices() == []
+    assert await snapshot(rebuilt) == await snapshot(live)

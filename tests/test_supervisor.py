@@ -57,6 +57,7 @@ class Harness:
         self.health = HealthMonitor(self.clock, WARN, RESTART)
         self.policy = RestartPolicy(max_restarts, window, 1.0, 60.0)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.loop_task: asyncio.Task[None] | None = None
         self.instances: dict[str, list[FakeEngine]] = {n: [] for n in behaviours}
         self.sup = Supervisor(self.clock, self.bus, self.health, self.policy, stop_timeout=10.0,
                               spawn=self._spawn)
@@ -75,11 +76,18 @@ class Harness:
         self.tasks.add(task)
         return task
 
-    async def run_for(self, seconds: float) -> None:
-        """Drive the supervisor tick on the simulated clock (bounded: seconds / TICK iterations)."""
-        for _ in range(int(seconds / TICK)):
+    async def _supervise(self) -> None:
+        while True:
             await self.sup.tick()
-            await self.clock.advance(TICK)
+            await self.clock.sleep(TICK)
+
+    async def run_for(self, seconds: float) -> None:
+        """Run the supervisor loop as its own task, as the Orchestrator does, while the simulated clock
+        moves in one-second steps (bounded by `seconds`)."""
+        if self.loop_task is None:
+            self.loop_task = asyncio.ensure_future(self._supervise())
+        for _ in range(int(seconds)):
+            await self.clock.advance(1)
 
     def drained(self) -> list[Event]:
         out = []
@@ -88,7 +96,14 @@ class Harness:
         return out
 
     async def close(self) -> None:
-        await self.sup.stop_all()
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+        stop = asyncio.ensure_future(self.sup.stop_all())
+        for _ in range(40):  # engines sleep on the simulated clock: move it so they can notice
+            if stop.done():
+                break
+            await self.clock.advance(1)
+        await asyncio.wait_for(stop, 5)
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -138,11 +153,12 @@ async def test_restart_threshold_is_exact() -> None:
     h = Harness({"spot": "hang"})
     h.sup.start("spot")
     # Hangs at t=30 (last beat at 30). Ticks happen every 5 s starting at t=0.
-    await h.run_for(30 + RESTART)  # last tick at t=325, age 295 < 300
+    await h.run_for(30 + RESTART - 1)  # now t=329; last tick at t=325 saw age 295 < 300
     assert len(h.instances["spot"]) == 1
     assert h.sup.slots["spot"].state is SlotState.RUNNING
-    await h.run_for(TICK)  # tick at t=330: age 300 -> RESTART
-    assert h.sup.slots["spot"].state in (SlotState.RESTARTING, SlotState.RUNNING)
+    await h.run_for(1)  # tick at t=330: age 300 -> RESTART (stopping the hung instance takes a few seconds)
+    assert h.sup.slots["spot"].state is SlotState.RESTARTING
+    await h.run_for(2 * TICK)
     assert any(isinstance(e, EngineRestarted) for e in h.drained())
     await h.close()
 

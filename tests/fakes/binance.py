@@ -335,7 +335,7 @@ class FakeBinance:
                 return [plain(v) for v in obj]
             return obj
 
-        return plain({
+        out: dict[str, Any] = plain({
             "orders": [asdict(o) for o in self.orders.values()],
             "trades": [asdict(t) for t in self.trades],
             "spot_balances": self.spot_balances,
@@ -346,6 +346,7 @@ class FakeBinance:
             "create_calls": [list(c) for c in self.create_calls],
             "prices": self.prices,
         })
+        return out
 
     # --- request pipeline -------------------------------------------------------------------------
 
@@ -609,7 +610,7 @@ class FakeBinance:
         if "startTime" in params:
             start = max(start, int(params["startTime"]) // step_ms * step_ms)
         last = self.prices[symbol]
-        rows = []
+        rows: list[list[Any]] = []
         for i, t in enumerate(range(start, end + 1, step_ms)):
             if len(rows) >= limit:
                 break
