@@ -52,7 +52,8 @@ class Daemon:
             if predicate(evs):
                 return evs
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited early ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+                tail = self.log_path.read_text()[-3000:]
+                raise AssertionError(f"daemon exited early ({self.proc.returncode}):\n{tail}")
             time.sleep(0.1)
         raise AssertionError(f"condition not met in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
 
