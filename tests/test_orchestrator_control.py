@@ -1,0 +1,130 @@
+"""The Orchestrator in-process on the bundled replay: the control commands Telegram uses (pause, resume,
+kill, breaker reset, restart) do what they say, and pause and kill survive a restart on the same ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from config import load_settings
+from core.clock import LiveClock
+from core.types import TradingState
+from engines.orchestrator import Orchestrator
+from storage.ledger import Ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make(tmp_path: Path, **overrides: object) -> Orchestrator:
+    settings = load_settings(
+        env_file=None, data_dir=tmp_path, health_check_interval_seconds=0.05, looplag_enabled=False,
+        **overrides,
+    )
+    return Orchestrator(settings, LiveClock(), replay_path=ROOT / "data", speed=20_000)
+
+
+@contextlib.asynccontextmanager
+async def running(orch: Orchestrator) -> AsyncIterator[Orchestrator]:
+    task = asyncio.ensure_future(orch.run())
+    try:
+        await asyncio.wait_for(orch.ready.wait(), 30)
+        yield orch
+    finally:
+        orch.request_stop("test over")
+        await asyncio.wait_for(task, 30)
+
+
+async def until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.02)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_pause_blocks_entries_and_survives_restart(tmp_path: Path) -> None:
+    async with running(make(tmp_path)) as orch:
+        result = await orch.pause("spot", by="test:1")
+        assert result.ok
+        status = await orch.status()
+        assert status.engines[0].paused and status.engines[0].state == "paused"
+        entries_before = orch.supervisor.slots["spot"].engine.counters.entries  # type: ignore[union-attr]
+        await asyncio.sleep(1.5)  # ~100 replayed bars
+        assert orch.supervisor.slots["spot"].engine.counters.entries == entries_before  # type: ignore[union-attr]
+        assert not (await orch.pause("options", by="test:1")).ok
+    async with running(make(tmp_path)) as orch:
+        assert orch.gate is not None and orch.gate.is_paused("spot"), "pause persisted"
+        assert (await orch.resume("spot", by="test:1")).ok
+        assert not orch.gate.is_paused("spot")
+
+
+async def test_kill_flattens_halts_and_survives_restart_until_resume_all(tmp_path: Path) -> None:
+    async with running(make(tmp_path)) as orch:
+        assert orch.ledger is not None
+        ledger = orch.ledger
+
+        async def holding() -> bool:
+            return len(await ledger.positions()) > 0
+
+        await until(holding)
+        result = await orch.kill(by="telegram:42")
+        assert result.ok and "HALTED" in result.message
+        assert orch.trading_state is TradingState.HALTED
+        assert await ledger.positions() == [], "kill flattens every position"
+        await asyncio.sleep(1.0)
+        assert await ledger.positions() == [], "nothing is bought while HALTED"
+        assert not (await orch.resume("spot", by="telegram:42")).ok, "only /resume all lifts a kill"
+    async with running(make(tmp_path)) as orch:
+        assert orch.trading_state is TradingState.HALTED, "kill persisted across restart"
+        breaker = await orch.breaker()
+        assert breaker.state is TradingState.HALTED and "telegram:42" in breaker.reason
+        assert not (await orch.breaker_reset(by="x")).ok, "a kill is not a breaker trip"
+        assert (await orch.resume("all", by="telegram:42")).ok
+        assert orch.trading_state is TradingState.ACTIVE
+    async with await Ledger.open(tmp_path / "ledger.sqlite3", LiveClock()) as ledger:
+        kinds = [row["kind"] for row in await ledger.read_journal(limit=10_000)]
+    assert "TradingStateChanged" in kinds and "OrderFilled" in kinds
+
+
+async def test_breaker_trip_and_reset(tmp_path: Path) -> None:
+    async with running(make(tmp_path, global_max_drawdown_pct=0.01)) as orch:
+        async def reducing() -> bool:
+            return orch.trading_state is TradingState.REDUCING
+
+        await until(reducing)
+        report = await orch.breaker()
+        assert report.until is not None and "drawdown" in report.reason.lower()
+        result = await orch.breaker_reset(by="telegram:42")
+        assert result.ok and orch.trading_state is TradingState.ACTIVE
+
+
+async def test_restart_command_goes_through_the_supervisor(tmp_path: Path) -> None:
+    async with running(make(tmp_path)) as orch:
+        sup = orch.supervisor
+        assert sup is not None
+        first = sup.slots["spot"].engine
+        result = await orch.restart("spot", by="telegram:42")
+        assert result.ok
+
+        async def replaced() -> bool:
+            engine = sup.slots["spot"].engine
+            return engine is not None and engine is not first and sup.slots["spot"].state.value == "running"
+
+        await until(replaced)
+        assert not (await orch.restart("futures", by="x")).ok
+
+
+@pytest.mark.parametrize("target", ["spot", "all"])
+async def test_status_reports_what_the_owner_needs(tmp_path: Path, target: str) -> None:
+    async with running(make(tmp_path)) as orch:
+        status = await orch.status()
+        assert status.mode.startswith("paper")
+        assert status.trading_state is TradingState.ACTIVE
+        assert [e.name for e in status.engines] == ["spot"]
+        assert status.engines[0].heartbeat_age is not None and status.engines[0].heartbeat_age < 5
+        assert status.equity > 0
+        assert (await orch.pause(target, by="t")).ok
