@@ -88,6 +88,58 @@ class Settings(BaseSettings):
     futures_enabled: bool = False
     futures_allocation_pct: Pct = 40.0
     # (futures engine settings, issue 3: add below this line)
+    # Percentages of price are moves from the entry price before leverage (Position.pnl_pct).
+    futures_scan_interval_seconds: Seconds = 60.0
+    futures_monitor_interval_seconds: Seconds = 5.0
+    futures_max_data_age_seconds: Seconds = 120.0
+    futures_fetch_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    futures_scan_top_n: Annotated[int, Field(ge=1, le=100)] = 5
+    futures_volume_factor: Annotated[float, Field(gt=0, le=100)] = 1.5
+    futures_volume_average_bars: Annotated[int, Field(ge=2, le=500)] = 20
+    futures_min_change_pct: Annotated[float, Field(ge=0, le=100)] = 1.0
+    futures_analysis_concurrency: Annotated[int, Field(ge=1, le=64)] = 16
+    futures_candle_limit: Annotated[int, Field(ge=100, le=1500)] = 200
+    futures_ema_fast: Annotated[int, Field(ge=2, le=200)] = 9
+    futures_ema_slow: Annotated[int, Field(ge=3, le=400)] = 21
+    futures_rsi_period: Annotated[int, Field(ge=2, le=200)] = 14
+    futures_rsi_long_min: Pct = 50.0  # long zone [min, max]; the short zone mirrors it (100 - max, 100 - min)
+    futures_rsi_long_max: Pct = 70.0
+    futures_macd_fast: Annotated[int, Field(ge=2, le=200)] = 12
+    futures_macd_slow: Annotated[int, Field(ge=3, le=400)] = 26
+    futures_macd_signal: Annotated[int, Field(ge=2, le=200)] = 9
+    futures_macd_cross_bars: Annotated[int, Field(ge=1, le=50)] = 3
+    futures_atr_period: Annotated[int, Field(ge=2, le=200)] = 14
+    futures_min_confidence: Pct = 60.0
+    futures_stop_atr_multiple: Annotated[float, Field(gt=0, le=20)] = 2.0
+    futures_max_stop_pct: Annotated[float, Field(gt=0, le=50)] = 3.0
+    futures_reward_risk_ratio: Annotated[float, Field(gt=0, le=20)] = 1.5
+    futures_max_positions: Annotated[int, Field(ge=1, le=100)] = 12
+    futures_max_margin_use_pct: PositivePct = 90.0
+    futures_max_daily_loss_pct: PositivePct = 5.0
+    futures_max_correlated_positions: Annotated[int, Field(ge=1, le=100)] = 3
+    futures_correlation_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.8
+    futures_correlation_bars: Annotated[int, Field(ge=10, le=1000)] = 48
+    futures_max_leverage: Annotated[int, Field(ge=1, le=125)] = 10
+    futures_leverage_high_confidence: Pct = 85.0
+    futures_leverage_high: Annotated[int, Field(ge=1, le=125)] = 10
+    futures_leverage_mid_confidence: Pct = 75.0
+    futures_leverage_mid: Annotated[int, Field(ge=1, le=125)] = 7
+    futures_leverage_low_confidence: Pct = 65.0
+    futures_leverage_low: Annotated[int, Field(ge=1, le=125)] = 5
+    futures_leverage_min: Annotated[int, Field(ge=1, le=125)] = 3
+    futures_high_volatility_atr_pct: Annotated[float, Field(gt=0, le=100)] = 3.0
+    futures_risk_per_trade_pct: PositivePct = 1.0
+    futures_max_position_pct: PositivePct = 25.0  # cap on one position's margin, % of the engine's equity
+    futures_trailing_activation_pct: Annotated[float, Field(gt=0, le=100)] = 1.5
+    futures_trailing_distance_pct: Annotated[float, Field(gt=0, le=100)] = 1.0
+    futures_trailing_tighten_pct: Annotated[float, Field(gt=0, le=100)] = 3.0
+    futures_trailing_tight_distance_pct: Annotated[float, Field(gt=0, le=100)] = 0.5
+    futures_partial_1_pct: Annotated[float, Field(gt=0, le=100)] = 1.5
+    futures_partial_1_size_pct: PositivePct = 40.0
+    futures_partial_2_pct: Annotated[float, Field(gt=0, le=100)] = 2.5
+    futures_partial_2_size_pct: PositivePct = 30.0
+    futures_force_close_pct: Annotated[float, Field(gt=0, le=100)] = 4.0
+    futures_emergency_close_pct: PositivePct = 5.0
 
     # --- global risk -----------------------------------------------------------------------------
     global_max_daily_loss_pct: PositivePct = 5.0

@@ -14,7 +14,6 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
-from storage.ledger import Ledger
 
 from config import Settings
 from core.clock import Clock
@@ -25,6 +24,7 @@ from exchange.orders import OrderManager, SubmitResult
 from monitoring.health import HealthMonitor
 from risk.allocator import CapitalAllocator
 from risk.gate import RiskGate
+from storage.ledger import Ledger
 
 
 @dataclass
@@ -44,6 +44,12 @@ class EngineContext:
     orders: OrderManager
     equity: Callable[[], Decimal]
     trade_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Bumped whenever a fill changes a position outside the engine's own calls (a protective stop or a
+    # resting order filling on the exchange); the engine reloads its positions when it sees it move.
+    position_changes: int = 0
+
+    def note_position_change(self, _symbol: str = "") -> None:
+        self.position_changes += 1
 
 
 @dataclass
@@ -73,6 +79,7 @@ class BaseEngine:
         self._running = False
         self._feed_version = 0
         self._stale: set[str] = set()
+        self._seen_changes = -1
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -96,6 +103,9 @@ class BaseEngine:
                 if self._stopping:
                     break
                 self.heartbeat()
+                if self._seen_changes != self.ctx.position_changes:
+                    self._seen_changes = self.ctx.position_changes
+                    await self.refresh_positions()
                 await self.step()
                 self.counters.steps += 1
                 self.counters.last_step_at = self.clock.now()

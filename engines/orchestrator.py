@@ -348,6 +348,7 @@ class Orchestrator:
                 health=self.health, orders=part.orders, equity=lambda: self._equity,
                 trade_lock=part.trade_lock,
             )
+            part.orders.on_position_change = part.context.note_position_change
             cls = ENGINE_CLASSES[name]
             self.supervisor.add(name, lambda cls=cls, ctx=part.context: cls(ctx))
             self.supervisor.start(name)
@@ -431,6 +432,11 @@ class Orchestrator:
         sent = 0
         for name, part in self.parts.items():
             async with part.trade_lock:
+                # Resting orders first: a protective stop left on the exchange would sell the same coins.
+                for order in await self._ledger().orders_in_states(
+                    [OrderState.OPEN, OrderState.PARTIALLY_FILLED], engine=name
+                ):
+                    await part.orders.cancel(order)
                 for position in await self._ledger().positions(name):
                     market = part.exchange.market(position.symbol)
                     amount = quantize_down(position.amount, market.amount_step)

@@ -13,6 +13,7 @@ from core.types import (
     ZERO,
     MarketType,
     OrderIntent,
+    OrderState,
     OrderType,
     Position,
     PositionSide,
@@ -60,11 +61,12 @@ class SpotEngine(BaseEngine):
         """Reload positions; one that lost its exit levels (a crash between the entry fill and saving
         them) gets them again from its entry price, so no position is ever left without a stop."""
         await super().load_state()
-        for position in self.positions.values():
+        for position in list(self.positions.values()):
             if position.stop_loss is None or position.take_profit is None:
                 await self._set_exit_levels(position)
                 self.log.warning("exit levels restored", symbol=position.symbol,
                                  stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+            await self.protect(position)
 
     async def step(self) -> None:
         for symbol in self.symbols:
@@ -89,6 +91,8 @@ class SpotEngine(BaseEngine):
     async def manage_exit(self, position: Position, ticker: Ticker) -> None:
         reason = self.exit_reason(position, ticker.bid)
         if reason is None:
+            return
+        if not await self._clear_protective_stop(position, reason):
             return
         market = self.ctx.exchange.market(position.symbol)
         amount = quantize_down(position.amount, market.amount_step)
@@ -172,6 +176,60 @@ class SpotEngine(BaseEngine):
         await self._set_exit_levels(position)
         self.log.info("entry", symbol=symbol, amount=str(result.filled), price=str(position.entry_price),
                       stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+        await self.protect(position)
+
+    # --- protective stops on the exchange --------------------------------------------------------
+    async def _live_stop(self, position: Position) -> str | None:
+        cid = position.meta.get("stop_order")
+        if not cid:
+            return None
+        order = await self.ctx.ledger.get_order(cid)
+        if order is None or order.state.is_terminal:
+            return None
+        return cid
+
+    async def protect(self, position: Position) -> None:
+        """Put the position's stop-loss on the exchange, so a crashed or frozen daemon leaves no position
+        unprotected. Without one (refused, below the minimum) the engine stops it out itself."""
+        if position.stop_loss is None or await self._live_stop(position) is not None:
+            return
+        market = self.ctx.exchange.market(position.symbol)
+        amount = quantize_down(position.amount, market.amount_step)
+        if amount <= 0:
+            return
+        intent = OrderIntent(
+            engine=self.ctx.name, market=MarketType.SPOT, symbol=position.symbol, side=Side.SELL,
+            amount=amount, order_type=OrderType.STOP_MARKET, stop_price=position.stop_loss,
+            reduce_only=True, reason="protective stop",
+        )
+        result = await self.trade(intent)
+        if result is None or result.order.state not in (OrderState.OPEN, OrderState.PARTIALLY_FILLED):
+            self.log.warning("no protective stop on the exchange; the engine will stop the position out itself",
+                             symbol=position.symbol, error=None if result is None else result.error)
+            return
+        meta = {**position.meta, "stop_order": result.order.client_order_id}
+        await self.ctx.ledger.update_position(self.ctx.name, position.symbol, meta=meta)
+        position.meta = meta
+
+    async def _clear_protective_stop(self, position: Position, reason: str) -> bool:
+        """Before the engine sells, the exchange's stop must be gone, or both could sell the same coins.
+        A stop-loss is left to the exchange's own stop order; a take-profit cancels it first. Returns True
+        when the engine may sell now."""
+        cid = await self._live_stop(position)
+        if cid is None:
+            return True
+        if reason == "stop-loss":
+            return False
+        order = await self.ctx.ledger.get_order(cid)
+        if order is None:
+            return True
+        async with self.ctx.trade_lock:
+            result = await self.ctx.orders.cancel(order)
+        if result.order.state is OrderState.CANCELED:
+            return True
+        await self.refresh_positions()
+        self.log.info("protective stop not cancelled", symbol=position.symbol, state=str(result.order.state))
+        return False
 
     async def _set_exit_levels(self, position: Position) -> None:
         market = self.ctx.exchange.market(position.symbol)

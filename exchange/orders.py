@@ -286,6 +286,9 @@ class OrderManager:
         )
         closed = outcome.closed
         if closed is not None:
+            log.info("position closed", engine=self.engine, symbol=fill.symbol, side=str(closed.side),
+                     amount=str(closed.amount), entry=str(closed.entry_price), exit=str(closed.exit_price),
+                     realized_pnl=str(closed.realized_pnl), client_order_id=fill.client_order_id)
             self.bus.publish(
                 PositionClosed(
                     ts=now, engine=self.engine, market=fill.market, symbol=fill.symbol,

@@ -1,0 +1,419 @@
+"""Tick to order: from a price update reaching the spot engine to the order accepted by the paper exchange.
+
+The real order path runs: `SpotEngine.run` woken by the feed's `UpdateSignal`, `step()`, the momentum
+rule, the `RiskGate` with the `CapitalAllocator`'s reservation, the `OrderManager` (client order id
+from the ledger's sequence, the order row written to a real SQLite `Ledger` before sending) and
+`PaperExchange.create_order`. The paper exchange's own `run()` loop waits on the same feed, as in the
+daemon. Only the feed is scripted: a one-symbol `MarketFeed` whose candles make the momentum rule
+enter, and whose next update moves the price past the take-profit or the stop-loss (alternately), so
+the engine exits and enters again.
+
+t0 is read right before the feed's version is bumped (the engine is then idle in `wait_update`); t1
+right after `PaperExchange.create_order` returns (the exchange instance's method is wrapped; the
+class is untouched). The next update is published once both feed consumers are waiting again and
+`--gap-ms` has passed, so each sample starts from an idle loop, as a live price update would.
+
+Target: p99 <= 250 us over >= 2,000 orders.
+
+Run from the repository root:
+    .venv/bin/python bench/tick_to_order_bench.py [--orders 2000] [--repeat 3] [--journal]
+
+`--journal` adds the Orchestrator's journal writer (every event appended to the same ledger, on the
+same ledger thread), which the daemon runs too; without it the bus has no subscribers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from config import load_settings
+from core.clock import LiveClock
+from core.events import Event, EventBus, Subscription
+from core.types import CandleSeries, MarketType, Side, Ticker
+from engines.base import EngineContext
+from engines.momentum import evaluate
+from engines.spot import SpotEngine
+from exchange.base import OrderRequest, OrderUpdate
+from exchange.feed_signal import UpdateSignal
+from exchange.markets import paper_markets
+from exchange.orders import OrderManager
+from exchange.paper import PaperExchange
+from monitoring.health import HealthMonitor
+from monitoring.logging import configure_logging
+from risk.allocator import CapitalAllocator
+from risk.gate import EngineLimits, RiskGate
+from risk.monitor import GlobalRiskMonitor, RiskLimits
+from storage.ledger import Ledger
+
+SYMBOL = "BTC/USDT"
+BAR_SECONDS = 300
+BARS = 150
+BASE_PRICE = 30_000.0
+HALF_SPREAD = Decimal(2) / Decimal(20_000)  # the replay feed's default 2 bps spread
+TAKE_PROFIT_MOVE = 1.03  # past the engine's 2 % take-profit
+STOP_LOSS_MOVE = 0.98  # past its 1.5 % stop-loss
+CONSUMERS = 2  # the engine and the paper exchange's run() loop
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    """Nearest rank, so p99 of 1,000 samples is the 990th smallest, a value that was measured."""
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def momentum_closes(n: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """A zig-zag uptrend (+0.4 %, -0.2 %, ending on a rise): fast EMA above slow, RSI near 67,
+    momentum about +0.6 % over six bars. The script checks the rule says 'enter' on it."""
+    closes = np.empty(n, dtype=np.float64)
+    price = BASE_PRICE
+    for i in range(n):
+        price *= 1.004 if (n - 1 - i) % 2 == 0 else 0.998
+        closes[i] = price
+    return closes
+
+
+class ScriptedFeed:
+    """A `MarketFeed` whose only symbol's ticker and candles the bench sets, woken through the
+    project's own `UpdateSignal` (the replay feed's), so consumers wake exactly as they do live."""
+
+    def __init__(self, clock: LiveClock, closes: np.ndarray[Any, np.dtype[np.float64]]) -> None:
+        self._clock = clock
+        self._signal = UpdateSignal(clock)
+        self._closes = closes
+        self._volume = np.full(closes.shape[0], 100.0)
+        self._opens = np.concatenate(([closes[0]], closes[:-1]))
+        self._highs = np.maximum(self._opens, closes) * 1.0005
+        self._lows = np.minimum(self._opens, closes) * 0.9995
+        self._ticker: Ticker | None = None
+        self._series: CandleSeries | None = None
+        self._waiting: dict[int, int] = {}
+        self._arrived = asyncio.Event()
+        self._want = 1
+        self._finished = False
+
+    # --- MarketFeed ---------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._signal.version
+
+    @property
+    def symbols(self) -> list[str]:
+        return [SYMBOL]
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        self._finished = True
+        self._signal.wake()
+
+    def ticker(self, symbol: str) -> Ticker | None:
+        return self._ticker if symbol == SYMBOL else None
+
+    def candles(self, symbol: str, timeframe: str, limit: int = 500) -> CandleSeries | None:
+        if symbol != SYMBOL or self._series is None:
+            return None
+        return self._series.tail(limit) if limit < len(self._series) else self._series
+
+    async def wait_update(self, after: int, timeout: float) -> int:
+        self._waiting[after] = self._waiting.get(after, 0) + 1
+        if after == self.version and self._waiting[after] >= self._want:
+            self._arrived.set()  # only then: waking the bench's driver early would cost the engine time
+        try:
+            return await self._signal.wait(after, timeout)
+        finally:
+            self._waiting[after] -= 1
+
+    # --- script -------------------------------------------------------------------------------------
+    async def consumers_idle(self, count: int) -> None:
+        """Return once `count` consumers wait for a version newer than the current one."""
+        self._want = count
+        while self._waiting.get(self.version, 0) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    def prepare_entry(self, round_no: int) -> None:
+        """A newly closed candle (so the engine scans) and a fresh ticker at its close."""
+        now = self._clock.now()
+        last_open = 1_700_000_000.0 + round_no * BAR_SECONDS
+        ts = last_open - BAR_SECONDS * np.arange(self._closes.shape[0] - 1, -1, -1, dtype=np.float64)
+        self._series = CandleSeries(SYMBOL, "5m", ts, self._opens, self._highs, self._lows, self._closes,
+                                    self._volume, now)
+        self._ticker = self._make_ticker(float(self._closes[-1]), now)
+
+    def prepare_exit(self, move: float) -> None:
+        """Only the price moves (no new candle), as between two closes."""
+        self._ticker = self._make_ticker(float(self._closes[-1]) * move, self._clock.now())
+
+    def publish(self) -> int:
+        """Bump the version; returns perf_counter_ns read right before, the sample's t0."""
+        t0 = time.perf_counter_ns()
+        self._signal.bump()
+        return t0
+
+    @staticmethod
+    def _make_ticker(price: float, now: float) -> Ticker:
+        last = Decimal(f"{price:.2f}")
+        return Ticker(SYMBOL, bid=last * (1 - HALF_SPREAD), ask=last * (1 + HALF_SPREAD), last=last, ts=now)
+
+
+STAGES = ("wake", "decide", "sequence", "insert", "send")
+STAGE_HELP = {
+    "wake": "update published -> engine.step() entered (UpdateSignal wake-up)",
+    "decide": "step() -> RiskGate.check() entered (entry: candles, momentum rule, sizing; exit: levels)",
+    "sequence": "gate, allocator, Ledger.next_sequence() (client order id; ledger thread, one commit)",
+    "insert": "Ledger.insert_order() (the order row before sending; ledger thread, one commit)",
+    "send": "clock.wait_for(PaperExchange.create_order()) until it returned",
+}
+
+
+class StageMarks:
+    """perf_counter_ns at the boundaries of the order path, read by thin wrappers around instance
+    methods (`--breakdown`); the wrappers cost a few hundred ns each, so totals run a little higher."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, int] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.perf_counter_ns())
+
+    def wrap_async(self, obj: Any, method: str, before: str | None, after: str | None) -> None:
+        inner = getattr(obj, method)
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                self.mark(before)
+            out = await inner(*args, **kwargs)
+            if after is not None:
+                self.mark(after)
+            return out
+
+        setattr(obj, method, wrapper)
+
+    def wrap_sync(self, obj: Any, method: str, before: str) -> None:
+        inner = getattr(obj, method)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.mark(before)
+            return inner(*args, **kwargs)
+
+        setattr(obj, method, wrapper)
+
+    def durations(self, t0: int, t1: int) -> dict[str, float] | None:
+        names = ["step", "gate", "sequence", "insert"]
+        if any(n not in self.marks for n in names):
+            return None
+        points = [t0, *(self.marks[n] for n in names), t1]
+        return {stage: (b - a) / 1000 for stage, a, b in zip(STAGES, points[:-1], points[1:], strict=True)}
+
+
+@dataclass
+class RunResult:
+    entries_us: list[float] = field(default_factory=list)
+    exits_us: list[float] = field(default_factory=list)
+    entry_stages: list[dict[str, float]] = field(default_factory=list)
+    exit_stages: list[dict[str, float]] = field(default_factory=list)
+    exits_by_reason: dict[str, int] = field(default_factory=dict)
+    denied: int = 0
+    rejected: int = 0
+    journal_rows: int = 0
+
+    @property
+    def all_us(self) -> list[float]:
+        return self.entries_us + self.exits_us
+
+
+async def journal_writer(ledger: Ledger, sub: Subscription) -> None:
+    """The Orchestrator's journal writer, batch for batch (it is a method there, not importable)."""
+    while True:
+        first = await sub.get()
+        batch: list[Event] = [first]
+        while not sub.queue.empty() and len(batch) < 500:
+            batch.append(sub.queue.get_nowait())
+        await ledger.journal_many([(e.kind, e.as_dict(), e.ts) for e in batch])
+
+
+async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakdown: bool) -> RunResult:
+    clock = LiveClock()
+    settings = load_settings(env_file=None, spot_symbols=[SYMBOL], futures_enabled=False)
+    closes = momentum_closes(BARS)
+    feed = ScriptedFeed(clock, closes)
+
+    bus = EventBus()
+    result = RunResult()
+    with tempfile.TemporaryDirectory(prefix="tick-bench-") as tmp:
+        ledger = await Ledger.open(Path(tmp) / "ledger.sqlite3", clock)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            exchange = PaperExchange(
+                MarketType.SPOT, feed, clock, paper_markets([SYMBOL]), {"USDT": settings.paper_starting_balance},
+                taker_fee_pct=settings.paper_taker_fee_pct, maker_fee_pct=settings.paper_maker_fee_pct,
+                slippage_bps=settings.paper_slippage_bps,
+            )
+            await exchange.load_markets()
+            marks: list[tuple[Side, int]] = []
+            original: Callable[[OrderRequest], Awaitable[OrderUpdate]] = exchange.create_order
+
+            async def timed_create_order(request: OrderRequest) -> OrderUpdate:
+                update = await original(request)
+                marks.append((request.side, time.perf_counter_ns()))
+                return update
+
+            exchange.create_order = timed_create_order  # type: ignore[method-assign]
+            allocator = CapitalAllocator({"spot": settings.spot_allocation_pct,
+                                          "futures": settings.futures_allocation_pct}, ["spot"])
+            monitor = GlobalRiskMonitor(RiskLimits.from_settings(settings))
+            gate = RiskGate(monitor, allocator, {"spot": EngineLimits(max_positions=settings.spot_max_positions)})
+            health = HealthMonitor(clock, settings.health_warning_seconds, settings.health_restart_seconds)
+            health.register("spot")
+            om = OrderManager("spot", exchange, ledger, bus, clock, send_timeout=settings.exchange_timeout_seconds)
+            equity = [exchange.equity()]
+            monitor.update(clock.now(), {"spot": equity[0]})
+            ctx = EngineContext(name="spot", settings=settings, clock=clock, bus=bus, ledger=ledger,
+                                exchange=exchange, feed=feed, gate=gate, allocator=allocator, health=health,
+                                orders=om, equity=lambda: equity[0])
+            engine = SpotEngine(ctx)
+            stages = StageMarks()
+            if breakdown:
+                stages.wrap_async(engine, "step", "step", None)
+                stages.wrap_sync(gate, "check", "gate")
+                stages.wrap_async(ledger, "next_sequence", None, "sequence")
+                stages.wrap_async(ledger, "insert_order", None, "insert")
+            feed.prepare_entry(0)
+            scripted = feed.candles(SYMBOL, engine.timeframe, 100)
+            reading = evaluate(scripted, engine.params) if scripted is not None else None
+            if reading is None or not reading.enter:
+                raise SystemExit(f"scripted candles do not trigger the momentum rule: {reading}")
+            if journal:
+                tasks.append(asyncio.create_task(journal_writer(ledger, bus.subscribe("journal", 50_000))))
+            tasks.append(asyncio.create_task(exchange.run(), name="paper"))
+            engine_task = asyncio.create_task(engine.run(), name="engine:spot")
+            tasks.append(engine_task)
+
+            rounds = (warmup + orders + 1) // 2
+            for r in range(rounds):
+                for leg in ("entry", "exit"):
+                    await feed.consumers_idle(CONSUMERS)
+                    if engine_task.done():
+                        engine_task.result()
+                        raise SystemExit("engine stopped unexpectedly")
+                    if gap_ms > 0:
+                        await clock.sleep(gap_ms / 1000)
+                    if leg == "entry":
+                        feed.prepare_entry(r + 1)
+                    else:
+                        feed.prepare_exit(TAKE_PROFIT_MOVE if r % 2 == 0 else STOP_LOSS_MOVE)
+                    before = len(marks)
+                    stages.marks.clear()
+                    t0 = feed.publish()
+                    await feed.consumers_idle(CONSUMERS)
+                    if len(marks) != before + 1:
+                        raise SystemExit(
+                            f"round {r} {leg}: expected one order, the engine sent {len(marks) - before} "
+                            f"(denied {engine.counters.denied}, rejected {engine.counters.rejected})"
+                        )
+                    side, t1 = marks[-1]
+                    if side is not (Side.BUY if leg == "entry" else Side.SELL):
+                        raise SystemExit(f"round {r} {leg}: unexpected {side} order")
+                    if 2 * r + (leg == "exit") >= warmup:
+                        (result.entries_us if leg == "entry" else result.exits_us).append((t1 - t0) / 1000)
+                        split = stages.durations(t0, t1) if breakdown else None
+                        if split is not None:
+                            (result.entry_stages if leg == "entry" else result.exit_stages).append(split)
+                equity[0] = exchange.equity()
+                monitor.update(clock.now(), {"spot": equity[0]})
+            result.denied = engine.counters.denied
+            result.rejected = engine.counters.rejected
+            trades = await ledger.closed_trades(limit=rounds + 10)
+            for t in trades:
+                key = "take-profit" if t.exit_price > t.entry_price else "stop-loss"
+                result.exits_by_reason[key] = result.exits_by_reason.get(key, 0) + 1
+            engine.stop()
+            await exchange.close()
+            await feed.stop()
+            await clock.wait_for(asyncio.wait({engine_task}), 10.0)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if journal:
+                result.journal_rows = len(await ledger.read_journal(limit=1_000_000))
+            await ledger.close()
+    return result
+
+
+def row(name: str, us: list[float]) -> str:
+    return (f"  {name:<8} n={len(us):<5} p50 {percentile(us, 50):7.1f} us   p99 {percentile(us, 99):7.1f} us   "
+            f"mean {statistics.fmean(us):7.1f} us   max {max(us):8.1f} us")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--orders", type=int, default=2000, help="measured orders per run (entries + exits)")
+    parser.add_argument("--warmup", type=int, default=100, help="orders sent first and not measured")
+    parser.add_argument("--repeat", type=int, default=3, help="independent runs (fresh ledger each)")
+    parser.add_argument("--gap-ms", type=float, default=2.0, help="idle time before each update")
+    parser.add_argument("--journal", action="store_true", help="also run the journal writer on the bus")
+    parser.add_argument("--breakdown", action="store_true", help="also time each stage of the path")
+    args = parser.parse_args()
+    if args.orders < 2 or args.repeat < 1:
+        parser.error("need --orders >= 2 and --repeat >= 1")
+    # The daemon's log pipeline (JSON, scrubbed), written to /dev/null: its cost stays, its lines do not.
+    with open(os.devnull, "w") as sink:
+        configure_logging("json", "INFO", stream=sink)
+        results: list[RunResult] = []
+        for _ in range(args.repeat):
+            results.append(asyncio.run(one_run(args.orders, args.warmup, args.gap_ms, args.journal, args.breakdown)))
+            with contextlib.suppress(Exception):
+                sink.flush()
+    report(args, results)
+
+
+def report(args: argparse.Namespace, results: list[RunResult]) -> None:
+    print(f"tick to order (update published -> PaperExchange.create_order returned), {SYMBOL}, "
+          f"{'with' if args.journal else 'without'} journal writer, gap {args.gap_ms:g} ms")
+    for i, res in enumerate(results, 1):
+        print(f"run {i}: exits {res.exits_by_reason}, denied {res.denied}, rejected {res.rejected}"
+              + (f", journal rows {res.journal_rows}" if args.journal else ""))
+        print(row("all", res.all_us))
+        print(row("entries", res.entries_us))
+        print(row("exits", res.exits_us))
+        for leg, splits in (("entries", res.entry_stages), ("exits", res.exit_stages)):
+            if splits:
+                print(f"  stages of {leg} (p50 / p99 us):")
+                for stage in STAGES:
+                    values = [d[stage] for d in splits]
+                    print(f"    {stage:<9} {percentile(values, 50):7.1f} / {percentile(values, 99):7.1f}"
+                          f"   {STAGE_HELP[stage]}")
+    p50s = [percentile(r.all_us, 50) for r in results]
+    p99s = [percentile(r.all_us, 99) for r in results]
+    print(f"over {len(results)} runs: p50 median {statistics.median(p50s):.1f} us "
+          f"(range {min(p50s):.1f}-{max(p50s):.1f}); p99 median {statistics.median(p99s):.1f} us "
+          f"(range {min(p99s):.1f}-{max(p99s):.1f})")
+    verdict = "met" if statistics.median(p99s) <= 250 else "NOT met"
+    print(f"target p99 <= 250 us: {verdict} (median of the runs' p99)")
+
+
+if __name__ == "__main__":
+    main()
