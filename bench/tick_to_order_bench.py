@@ -331,7 +331,8 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
                     if len(marks) != before + 1:
                         raise SystemExit(
                             f"round {r} {leg}: expected one order, the engine sent {len(marks) - before} "
-                            f"(denied {engine.counters.denied}, rejected {engine.counters.rejected})"
+                            f"({[str(side) for side, _ in marks[before:]]}; steps {engine.counters.steps}, "
+                            f"denied {engine.counters.denied}, rejected {engine.counters.rejected})"
                         )
                     side, t1 = marks[-1]
                     if side is not (Side.BUY if leg == "entry" else Side.SELL):

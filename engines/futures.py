@@ -196,6 +196,8 @@ class FuturesEngine(BaseEngine):
         # position stopped out is not re-entered at once on the very data that opened it.
         self._entry_bar: dict[str, float] = {}
         self._bar_marker: float | None = None
+        self._realized: Decimal | None = None
+        self._fingerprint: tuple[tuple[str, PositionSide, Decimal, Decimal], ...] = ()
         for key in ("blocked", "partials", "skipped_small", "emergency_closes"):
             self.counters.extra[key] = 0
 
@@ -216,10 +218,18 @@ class FuturesEngine(BaseEngine):
 
     # --- state -------------------------------------------------------------------------------------
     async def refresh_positions(self) -> None:
-        """Positions from the ledger; the allocator's exposure is their margin (see the module doc)."""
+        """Positions from the ledger; the allocator's exposure is their margin (see the module doc).
+
+        Every fill changes some position's amount or realized P&L, so the all-time realized P&L (a sum
+        over every closed trade) is asked for again only when the positions changed.
+        """
         rows = await self.ctx.ledger.positions(self.ctx.name)
         self.positions = {p.symbol: p for p in rows}
         self.ctx.allocator.set_exposure(self.ctx.name, margin_in_use(self._marks(prices=False)))
+        fingerprint = tuple((p.symbol, p.side, p.amount, p.realized_pnl) for p in rows)
+        if self._realized is None or fingerprint != self._fingerprint:
+            self._realized = await self.ctx.ledger.realized_pnl(self.ctx.name)
+            self._fingerprint = fingerprint
 
     async def load_state(self) -> None:
         """Positions, their exit levels (restored at the widest allowed stop if a crash lost them), the
@@ -258,6 +268,9 @@ class FuturesEngine(BaseEngine):
 
     # --- the loop ----------------------------------------------------------------------------------
     async def step(self) -> None:
+        # From the ledger every step: fills this engine did not ask for (a liquidation, the
+        # Orchestrator's flattening) must not leave it managing a position that is gone.
+        await self.refresh_positions()
         await self.update_day()
         if await self.emergency_check():
             return
@@ -274,7 +287,9 @@ class FuturesEngine(BaseEngine):
     async def update_day(self) -> None:
         now = self.clock.now()
         day = _day(now)
-        mark = mark_value(await self.ctx.ledger.realized_pnl(self.ctx.name), self._marks())
+        if self._realized is None:
+            await self.refresh_positions()
+        mark = mark_value(self._realized or ZERO, self._marks())
         base = self.baseline
         if base is None or base.day != day:
             base = DayBaseline(day, self.engine_equity(), mark)

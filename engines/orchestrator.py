@@ -41,13 +41,16 @@ from core.types import (
     TradingState,
 )
 from engines.base import BaseEngine, EngineContext
+from engines.reconcile import reconcile_engine
 from engines.spot import SpotEngine
 from engines.supervisor import SlotState, Supervisor
 from exchange.base import Exchange, MarketFeed, OrderRequest, quantize_down
-from exchange.feeds import LiveFeed, ReplayFeed, discover_replay_files
+from exchange.ccxt_client import CcxtExchange
+from exchange.feeds import LiveFeed, ReplayFeed, discover_replay_files, loopback_api_urls
 from exchange.markets import paper_markets
 from exchange.orders import OrderManager
 from exchange.paper import PaperExchange
+from exchange.ratelimit import BudgetRegistry
 from monitoring.control import (
     ENGINE_TARGETS,
     BalanceReport,
@@ -240,17 +243,26 @@ class Orchestrator:
                 spread_bps=s.paper_spread_bps,
             )
         else:
+            urls = (loopback_api_urls(s.exchange_url_override, MarketType.SPOT)
+                    if s.exchange_url_override else None)
             self.feed = LiveFeed(
                 self.clock, symbols, [s.spot_timeframe], market_type=MarketType.SPOT,
-                poll_seconds=s.spot_monitor_interval_seconds, candle_poll_seconds=60.0,
-                timeout_seconds=s.exchange_timeout_seconds,
+                poll_seconds=s.spot_monitor_interval_seconds,
+                candle_poll_seconds=min(60.0, s.spot_scan_interval_seconds),
+                timeout_seconds=s.exchange_timeout_seconds, urls=urls,
             )
         await self.feed.start()
         if s.trading_mode != "paper":
-            raise OperationalError(
-                f"TRADING_MODE={s.trading_mode} needs the exchange client, which this version does not "
-                "include yet; use TRADING_MODE=paper"
-            )
+            budgets = BudgetRegistry(self.clock, share=s.exchange_weight_share_pct / 100)
+            for name in engines:
+                client = CcxtExchange.from_settings(s, MARKET_OF[name], self.clock, budgets=budgets,
+                                                    on_request=self._observe_request(name))
+                self._add_engine_parts(name, client)
+                await client.load_markets()
+                missing = [sym for sym in self._symbols_of(name) if not self._has_market(client, sym)]
+                if missing:
+                    raise OperationalError(f"{name}: the exchange lists no market for {', '.join(missing)}")
+            return
         shares = self._paper_wallets(engines)
         for name in engines:
             market = MARKET_OF[name]
@@ -275,6 +287,22 @@ class Orchestrator:
         wallets[engines[0]] += rest
         return wallets
 
+    def _observe_request(self, engine: str) -> Callable[[str, float, str | None], None]:
+        metrics = self.ops.metrics
+
+        def observe(endpoint: str, seconds: float, error_kind: str | None) -> None:
+            metrics.observe_request(engine, endpoint, seconds, error_kind)
+
+        return observe
+
+    @staticmethod
+    def _has_market(exchange: Exchange, symbol: str) -> bool:
+        try:
+            exchange.market(symbol)
+        except KineticError:
+            return False
+        return True
+
     def _symbols_of(self, engine: str) -> list[str]:
         if engine == "spot":
             return list(self.settings.spot_symbols)
@@ -292,10 +320,13 @@ class Orchestrator:
                                        context=None, trade_lock=asyncio.Lock())  # type: ignore[arg-type]
 
     async def _late_fill(self, orders: OrderManager, update: Any) -> None:
-        """A resting paper order filled between engine steps: record it like any other answer."""
+        """A resting order (a protective stop) filled between engine steps, or the exchange liquidated a
+        position: record it like any other answer. A liquidation has no order row of ours."""
         order = await self._ledger().get_order(update.client_order_id)
         if order is not None:
             await orders.apply_update(order, update)
+        else:
+            await orders.record_foreign_fills(update)
 
     async def _reconcile(self) -> None:
         """Bring the ledger and the (paper) exchange into agreement before any engine trades."""
@@ -309,10 +340,8 @@ class Orchestrator:
                     OrderRequest(o.client_order_id, o.symbol, o.side, o.order_type, o.amount,
                                  o.price, o.stop_price, o.reduce_only, o.leverage) for o in resting
                 ])
-            results = await part.orders.resolve_open_orders()
-            positions = await ledger.positions(name)
-            log.info("reconciled", engine=name, orders_resolved=len(results), positions=len(positions),
-                     fills=len(await ledger.fills(engine=name)))
+            await reconcile_engine(name, part.exchange, part.orders, ledger, self._symbols_of(name),
+                                   self.bus, self.clock)
 
     async def _load_risk_state(self) -> None:
         s = self.settings

@@ -275,6 +275,26 @@ class OrderManager:
             self.on_position_change(order.symbol)
         return SubmitResult(order=order, update=update, outcomes=tuple(outcomes))
 
+    async def record_foreign_fills(self, update: OrderUpdate) -> list[FillOutcome]:
+        """Fills the exchange made on its own (a liquidation): no order row of ours exists, so they are
+        recorded against the engine's position with the position's leverage."""
+        log.warning("fills without an order of ours", engine=self.engine, client_order_id=update.client_order_id,
+                    symbol=update.symbol, fills=len(update.fills))
+        outcomes: list[FillOutcome] = []
+        for raw in update.fills:
+            fill = dataclasses.replace(raw, engine=self.engine)
+            outcome = await self.store.record_fill(fill, leverage=self.leverage_of(update.symbol))
+            if outcome.new:
+                outcomes.append(outcome)
+                self._publish_fill(fill, outcome)
+        if outcomes and self.on_position_change is not None:
+            self.on_position_change(update.symbol)
+        return outcomes
+
+    def leverage_of(self, symbol: str) -> int:
+        getter = getattr(self.exchange, "leverage", None)
+        return int(getter(symbol)) if callable(getter) else 1
+
     def _publish_fill(self, fill: Fill, outcome: FillOutcome) -> None:
         now = self.clock.now()
         self.bus.publish(

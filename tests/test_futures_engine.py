@@ -17,7 +17,7 @@ import pytest
 from config import Settings
 from core.clock import DAY_SECONDS, SimClock
 from core.events import EventBus
-from core.types import CandleSeries, MarketType, OrderState, PositionSide, Ticker
+from core.types import CandleSeries, MarketType, OrderIntent, OrderState, PositionSide, Side, Ticker
 from engines.analysis import TIMEFRAMES
 from engines.base import EngineContext
 from engines.futures import FuturesEngine
@@ -379,3 +379,20 @@ async def test_the_run_loop_monitors_every_few_seconds_and_stops_when_asked(make
         await until(task.done)
         await task
     assert await rig.ledger.positions("futures") == []
+
+
+async def test_a_position_closed_outside_the_engine_is_dropped_at_the_next_step(make_rig: Any) -> None:
+    rig: Rig = await make_rig(["AAA/USDT"])
+    rig.feed.trend("AAA/USDT", PositionSide.LONG)
+    await rig.step()
+    [position] = await rig.ledger.positions("futures")
+    # The Orchestrator's flattening (kill switch) sends its own reduce-only order, not through the engine.
+    result = await rig.ctx.orders.submit(OrderIntent(
+        engine="futures", market=MarketType.FUTURES, symbol="AAA/USDT", side=Side.SELL, amount=position.amount,
+        reduce_only=True, system_flatten=True, reason="flatten: kill"))
+    assert result.filled == position.amount
+    assert "AAA/USDT" in rig.engine.positions  # the engine has not looked yet
+    rig.feed.price("AAA/USDT", "96")  # would be a forced exit of a position that no longer exists
+    await rig.step()
+    assert rig.engine.positions == {} and await rig.exits() == [("flatten: kill", position.amount, True)]
+    assert rig.allocator.exposure("futures") == 0
