@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     paper_slippage_bps: Annotated[Decimal, Field(ge=0, le=1000)] = Decimal("5")
     paper_spread_bps: Annotated[Decimal, Field(ge=0, le=1000)] = Decimal("2")
     replay_speed: Annotated[float, Field(gt=0, le=1_000_000)] = 600.0
-    replay_warmup_bars: Annotated[int, Field(ge=0, le=10_000)] = 200
+    replay_warmup_bars: Annotated[int, Field(ge=0, le=10_000)] = 1200
 
     # --- spot engine -----------------------------------------------------------------------------
     spot_enabled: bool = True
@@ -87,7 +87,9 @@ class Settings(BaseSettings):
     # --- futures engine --------------------------------------------------------------------------
     futures_enabled: bool = False
     futures_allocation_pct: Pct = 40.0
-    # (futures engine settings, issue 3: add below this line)
+    futures_symbols: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
+    )
     # Percentages of price are moves from the entry price before leverage (Position.pnl_pct).
     futures_scan_interval_seconds: Seconds = 60.0
     futures_monitor_interval_seconds: Seconds = 5.0
@@ -178,12 +180,13 @@ class Settings(BaseSettings):
     looplag_threshold_seconds: Annotated[float, Field(gt=0, le=600)] = 2.0
     looplag_check_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
 
-    @field_validator("telegram_chat_ids", "telegram_allowed_user_ids", "spot_symbols", mode="before")
+    @field_validator("telegram_chat_ids", "telegram_allowed_user_ids", "spot_symbols", "futures_symbols",
+                     mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("spot_symbols")
+    @field_validator("spot_symbols", "futures_symbols")
     @classmethod
     def _symbols_look_like_pairs(cls, value: list[str]) -> list[str]:
         bad = [s for s in value if "/" not in s]
@@ -250,10 +253,7 @@ def cross_field_problems(s: Settings) -> list[str]:
         problems.append(
             f"SPOT_RSI_MIN ({s.spot_rsi_min:g}) must be less than SPOT_RSI_MAX ({s.spot_rsi_max:g})"
         )
-    if s.futures_enabled:
-        problems.append(
-            "FUTURES_ENABLED: the futures engine is not part of this version yet; set FUTURES_ENABLED=false"
-        )
+    problems.extend(futures_problems(s))
     if not s.enabled_engines():
         problems.append("SPOT_ENABLED / FUTURES_ENABLED: at least one engine must be enabled")
     if s.global_max_daily_loss_pct > s.global_kill_switch_loss_pct:
@@ -265,6 +265,31 @@ def cross_field_problems(s: Settings) -> list[str]:
         problems.append("TELEGRAM_CHAT_IDS: required when TELEGRAM_BOT_TOKEN is set")
     if s.telegram_bot_token is not None and not s.telegram_allowed_user_ids:
         problems.append("TELEGRAM_ALLOWED_USER_IDS: required when TELEGRAM_BOT_TOKEN is set")
+    return problems
+
+
+def futures_problems(s: Settings) -> list[str]:
+    """Rules between `futures_*` settings, one line each naming the variables; checked at load time so
+    that `check-config` reports them before the daemon starts."""
+    problems: list[str] = []
+    pairs = (
+        ("FUTURES_EMA_FAST", s.futures_ema_fast, "FUTURES_EMA_SLOW", s.futures_ema_slow),
+        ("FUTURES_MACD_FAST", s.futures_macd_fast, "FUTURES_MACD_SLOW", s.futures_macd_slow),
+        ("FUTURES_MAX_STOP_PCT", s.futures_max_stop_pct, "FUTURES_FORCE_CLOSE_PCT", s.futures_force_close_pct),
+    )
+    for low_name, low, high_name, high in pairs:
+        if low >= high:
+            problems.append(f"{low_name} ({low:g}) must be below {high_name} ({high:g})")
+    if s.futures_trailing_activation_pct > s.futures_trailing_tighten_pct:
+        problems.append(f"FUTURES_TRAILING_ACTIVATION_PCT ({s.futures_trailing_activation_pct:g}) must not exceed "
+                        f"FUTURES_TRAILING_TIGHTEN_PCT ({s.futures_trailing_tighten_pct:g})")
+    if s.futures_rsi_long_min > s.futures_rsi_long_max:
+        problems.append(f"FUTURES_RSI_LONG_MIN ({s.futures_rsi_long_min:g}) must not exceed "
+                        f"FUTURES_RSI_LONG_MAX ({s.futures_rsi_long_max:g})")
+    if not (s.futures_leverage_high_confidence >= s.futures_leverage_mid_confidence
+            >= s.futures_leverage_low_confidence):
+        problems.append("FUTURES_LEVERAGE_HIGH_CONFIDENCE >= FUTURES_LEVERAGE_MID_CONFIDENCE >= "
+                        "FUTURES_LEVERAGE_LOW_CONFIDENCE is required (tiers go from the highest confidence down)")
     return problems
 
 

@@ -180,7 +180,8 @@ def main() -> None:
             print(f"  {t:5.1f}   {rss / MB:10.1f}   {peak / MB:10.1f}")
         print(f"  final: VmHWM {run.final['VmHWM'] / MB:.1f} MB, VmRSS {run.final['VmRSS'] / MB:.1f} MB "
               f"(RssAnon {run.final.get('RssAnon', 0) / MB:.1f}, RssFile {run.final.get('RssFile', 0) / MB:.1f})")
-        trading = {k: run.events.get(k, 0) for k in ("entry", "exit", "order denied", "engine started")}
+        kinds = ("entry", "exit", "position closed", "order denied", "order rejected")
+        trading = {k: run.events.get(k, 0) for k in kinds}
         print(f"  log: {trading}; error lines: {len(run.errors)} {sorted(set(run.errors))[:5]}")
 
     hwm = float(statistics.median(peaks))

@@ -3,20 +3,28 @@
 The real order path runs: `SpotEngine.run` woken by the feed's `UpdateSignal`, `step()`, the momentum
 rule, the `RiskGate` with the `CapitalAllocator`'s reservation, the `OrderManager` (client order id
 from the ledger's sequence, the order row written to a real SQLite `Ledger` before sending) and
-`PaperExchange.create_order`. The paper exchange's own `run()` loop waits on the same feed, as in the
-daemon. Only the feed is scripted: a one-symbol `MarketFeed` whose candles make the momentum rule
-enter, and whose next update moves the price past the take-profit or the stop-loss (alternately), so
-the engine exits and enters again.
+`PaperExchange.create_order`. The paper exchange's own `run()` loop waits on the same feed, and its
+fills of resting orders reach the ledger through a late-fill task, wired as the Orchestrator wires
+them. Only the feed is scripted: a one-symbol `MarketFeed` whose candles make the momentum rule enter,
+and whose next update moves the price past the take-profit or the stop-loss (alternately), so the
+engine exits and enters again.
+
+Per round: the entry (a market buy, then the protective stop-market sell the engine puts on the
+exchange), then either a take-profit (the engine cancels its stop and sells at market) or a
+stop-loss (the exchange's stop sells; the engine must not). "Orders" are the market orders a tick
+makes the engine send: entries and take-profit exits. The protective stop and the exchange-side
+stop-loss fill are reported on their own lines.
 
 t0 is read right before the feed's version is bumped (the engine is then idle in `wait_update`); t1
 right after `PaperExchange.create_order` returns (the exchange instance's method is wrapped; the
-class is untouched). The next update is published once both feed consumers are waiting again and
+class is untouched), or, for the stop-loss, when the paper exchange reports the stop's fill. The
+next update is published once both feed consumers are waiting again, every late fill is recorded and
 `--gap-ms` has passed, so each sample starts from an idle loop, as a live price update would.
 
 Target: p99 <= 250 us over >= 2,000 orders.
 
 Run from the repository root:
-    .venv/bin/python bench/tick_to_order_bench.py [--orders 2000] [--repeat 3] [--journal]
+    .venv/bin/python bench/tick_to_order_bench.py [--orders 2000] [--repeat 3] [--journal] [--breakdown]
 
 `--journal` adds the Orchestrator's journal writer (every event appended to the same ledger, on the
 same ledger thread), which the daemon runs too; without it the bus has no subscribers.
@@ -26,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import sys
@@ -45,7 +52,7 @@ import numpy as np
 from config import load_settings
 from core.clock import LiveClock
 from core.events import Event, EventBus, Subscription
-from core.types import CandleSeries, MarketType, Side, Ticker
+from core.types import CandleSeries, MarketType, OrderType, Side, Ticker
 from engines.base import EngineContext
 from engines.momentum import evaluate
 from engines.spot import SpotEngine
@@ -180,8 +187,10 @@ class ScriptedFeed:
 
 STAGES = ("wake", "decide", "sequence", "insert", "send")
 STAGE_HELP = {
-    "wake": "update published -> engine.step() entered (UpdateSignal wake-up)",
-    "decide": "step() -> RiskGate.check() entered (entry: candles, momentum rule, sizing; exit: levels)",
+    "wake": "update published -> engine.step() entered (wake-up; a position reload after a fill the engine "
+            "did not make)",
+    "decide": "step() -> RiskGate.check() entered (entry: candles, momentum rule, sizing; take-profit: "
+              "cancelling the protective stop)",
     "sequence": "gate, allocator, Ledger.next_sequence() (client order id; ledger thread, one commit)",
     "insert": "Ledger.insert_order() (the order row before sending; ledger thread, one commit)",
     "send": "clock.wait_for(PaperExchange.create_order()) until it returned",
@@ -190,7 +199,8 @@ STAGE_HELP = {
 
 class StageMarks:
     """perf_counter_ns at the boundaries of the order path, read by thin wrappers around instance
-    methods (`--breakdown`); the wrappers cost a few hundred ns each, so totals run a little higher."""
+    methods (`--breakdown`); the wrappers cost a few hundred ns each, so totals run a little higher.
+    The first call of each leg counts, which is the market order's (the protective stop comes after)."""
 
     def __init__(self) -> None:
         self.marks: dict[str, int] = {}
@@ -228,20 +238,34 @@ class StageMarks:
         return {stage: (b - a) / 1000 for stage, a, b in zip(STAGES, points[:-1], points[1:], strict=True)}
 
 
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """One `create_order` call: what it was, and when it returned (None when it raised)."""
+
+    side: Side
+    order_type: OrderType
+    returned_ns: int | None
+    error: str | None = None
+
+
 @dataclass
 class RunResult:
     entries_us: list[float] = field(default_factory=list)
-    exits_us: list[float] = field(default_factory=list)
+    take_profit_us: list[float] = field(default_factory=list)
+    protective_us: list[float] = field(default_factory=list)
+    stop_fill_us: list[float] = field(default_factory=list)
     entry_stages: list[dict[str, float]] = field(default_factory=list)
     exit_stages: list[dict[str, float]] = field(default_factory=list)
-    exits_by_reason: dict[str, int] = field(default_factory=dict)
+    closed: dict[str, int] = field(default_factory=dict)
+    sells_after_exchange_stop: int = 0
     denied: int = 0
     rejected: int = 0
     journal_rows: int = 0
 
     @property
-    def all_us(self) -> list[float]:
-        return self.entries_us + self.exits_us
+    def orders_us(self) -> list[float]:
+        """Market orders a tick made the engine send: entries and take-profit exits."""
+        return self.entries_us + self.take_profit_us
 
 
 async def journal_writer(ledger: Ledger, sub: Subscription) -> None:
@@ -254,17 +278,20 @@ async def journal_writer(ledger: Ledger, sub: Subscription) -> None:
         await ledger.journal_many([(e.kind, e.as_dict(), e.ts) for e in batch])
 
 
+def _describe(sent: list[Sent]) -> str:
+    return ", ".join(f"{s.side} {s.order_type}" + (f" ({s.error})" if s.error else "") for s in sent) or "none"
+
+
 async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakdown: bool) -> RunResult:
     clock = LiveClock()
     settings = load_settings(env_file=None, spot_symbols=[SYMBOL], futures_enabled=False)
-    closes = momentum_closes(BARS)
-    feed = ScriptedFeed(clock, closes)
-
+    feed = ScriptedFeed(clock, momentum_closes(BARS))
     bus = EventBus()
     result = RunResult()
     with tempfile.TemporaryDirectory(prefix="tick-bench-") as tmp:
         ledger = await Ledger.open(Path(tmp) / "ledger.sqlite3", clock)
         tasks: list[asyncio.Task[Any]] = []
+        late: set[asyncio.Task[None]] = set()
         try:
             exchange = PaperExchange(
                 MarketType.SPOT, feed, clock, paper_markets([SYMBOL]), {"USDT": settings.paper_starting_balance},
@@ -272,12 +299,17 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
                 slippage_bps=settings.paper_slippage_bps,
             )
             await exchange.load_markets()
-            marks: list[tuple[Side, int]] = []
+            sent: list[Sent] = []
+            exchange_fills: list[int] = []
             original: Callable[[OrderRequest], Awaitable[OrderUpdate]] = exchange.create_order
 
             async def timed_create_order(request: OrderRequest) -> OrderUpdate:
-                update = await original(request)
-                marks.append((request.side, time.perf_counter_ns()))
+                try:
+                    update = await original(request)
+                except Exception as exc:
+                    sent.append(Sent(request.side, request.order_type, None, type(exc).__name__))
+                    raise
+                sent.append(Sent(request.side, request.order_type, time.perf_counter_ns()))
                 return update
 
             exchange.create_order = timed_create_order  # type: ignore[method-assign]
@@ -293,6 +325,22 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             ctx = EngineContext(name="spot", settings=settings, clock=clock, bus=bus, ledger=ledger,
                                 exchange=exchange, feed=feed, gate=gate, allocator=allocator, health=health,
                                 orders=om, equity=lambda: equity[0])
+
+            # The Orchestrator's wiring: a resting order that fills on the exchange (the protective
+            # stop) is recorded by a late-fill task, and the engine reloads its positions after it.
+            async def late_fill(update: OrderUpdate) -> None:
+                order = await ledger.get_order(update.client_order_id)
+                if order is not None:
+                    await om.apply_update(order, update)
+
+            def on_fill(update: OrderUpdate) -> None:
+                exchange_fills.append(time.perf_counter_ns())
+                task = asyncio.ensure_future(late_fill(update))
+                late.add(task)
+                task.add_done_callback(late.discard)
+
+            exchange.on_fill = on_fill
+            om.on_position_change = ctx.note_position_change
             engine = SpotEngine(ctx)
             stages = StageMarks()
             if breakdown:
@@ -311,10 +359,19 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             engine_task = asyncio.create_task(engine.run(), name="engine:spot")
             tasks.append(engine_task)
 
-            rounds = (warmup + orders + 1) // 2
-            for r in range(rounds):
-                for leg in ("entry", "exit"):
+            async def settled() -> None:
+                """Engine and paper loop waiting again, and every late fill recorded."""
+                while True:
                     await feed.consumers_idle(CONSUMERS)
+                    if not late:
+                        return
+                    await asyncio.gather(*list(late))
+
+            r = 0
+            while len(result.orders_us) < orders:
+                take_profit = r % 2 == 0
+                for leg in ("entry", "take-profit" if take_profit else "stop-loss"):
+                    await settled()
                     if engine_task.done():
                         engine_task.result()
                         raise SystemExit("engine stopped unexpectedly")
@@ -323,41 +380,58 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
                     if leg == "entry":
                         feed.prepare_entry(r + 1)
                     else:
-                        feed.prepare_exit(TAKE_PROFIT_MOVE if r % 2 == 0 else STOP_LOSS_MOVE)
-                    before = len(marks)
+                        feed.prepare_exit(TAKE_PROFIT_MOVE if take_profit else STOP_LOSS_MOVE)
+                    sent_before, fills_before = len(sent), len(exchange_fills)
                     stages.marks.clear()
                     t0 = feed.publish()
-                    await feed.consumers_idle(CONSUMERS)
-                    if len(marks) != before + 1:
-                        raise SystemExit(
-                            f"round {r} {leg}: expected one order, the engine sent {len(marks) - before} "
-                            f"({[str(side) for side, _ in marks[before:]]}; steps {engine.counters.steps}, "
-                            f"denied {engine.counters.denied}, rejected {engine.counters.rejected})"
-                        )
-                    side, t1 = marks[-1]
-                    if side is not (Side.BUY if leg == "entry" else Side.SELL):
-                        raise SystemExit(f"round {r} {leg}: unexpected {side} order")
-                    if 2 * r + (leg == "exit") >= warmup:
-                        (result.entries_us if leg == "entry" else result.exits_us).append((t1 - t0) / 1000)
-                        split = stages.durations(t0, t1) if breakdown else None
-                        if split is not None:
-                            (result.entry_stages if leg == "entry" else result.exit_stages).append(split)
+                    await settled()
+                    new, fills = sent[sent_before:], exchange_fills[fills_before:]
+                    kinds = [(s.side, s.order_type, s.returned_ns is not None) for s in new]
+                    measured = r >= warmup
+                    t1: int | None = None
+                    if leg == "entry":
+                        if kinds != [(Side.BUY, OrderType.MARKET, True), (Side.SELL, OrderType.STOP_MARKET, True)]:
+                            raise SystemExit(f"round {r} entry: expected a market buy and its protective stop, "
+                                             f"got {_describe(new)}")
+                        t1, t_stop = new[0].returned_ns, new[1].returned_ns
+                        assert t1 is not None and t_stop is not None
+                        if measured:
+                            result.entries_us.append((t1 - t0) / 1000)
+                            result.protective_us.append((t_stop - t0) / 1000)
+                    elif leg == "take-profit":
+                        if kinds != [(Side.SELL, OrderType.MARKET, True)]:
+                            raise SystemExit(f"round {r} take-profit: expected one market sell, got {_describe(new)}")
+                        t1 = new[0].returned_ns
+                        assert t1 is not None
+                        if measured:
+                            result.take_profit_us.append((t1 - t0) / 1000)
+                    else:
+                        # The exchange's stop sells; the engine must not sell the same coins again.
+                        if len(fills) != 1:
+                            raise SystemExit(f"round {r} stop-loss: expected the exchange's stop to fill, "
+                                             f"got {len(fills)} fills and orders {_describe(new)}")
+                        result.sells_after_exchange_stop += len(new)
+                        if measured:
+                            result.stop_fill_us.append((fills[0] - t0) / 1000)
+                    split = stages.durations(t0, t1) if breakdown and t1 is not None else None
+                    if split is not None and measured:
+                        (result.entry_stages if leg == "entry" else result.exit_stages).append(split)
                 equity[0] = exchange.equity()
                 monitor.update(clock.now(), {"spot": equity[0]})
+                r += 1
             result.denied = engine.counters.denied
             result.rejected = engine.counters.rejected
-            trades = await ledger.closed_trades(limit=rounds + 10)
-            for t in trades:
+            for t in await ledger.closed_trades(limit=r + 10):
                 key = "take-profit" if t.exit_price > t.entry_price else "stop-loss"
-                result.exits_by_reason[key] = result.exits_by_reason.get(key, 0) + 1
+                result.closed[key] = result.closed.get(key, 0) + 1
             engine.stop()
             await exchange.close()
             await feed.stop()
             await clock.wait_for(asyncio.wait({engine_task}), 10.0)
         finally:
-            for task in tasks:
+            for task in [*tasks, *late]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *late, return_exceptions=True)
             if journal:
                 result.journal_rows = len(await ledger.read_journal(limit=1_000_000))
             await ledger.close()
@@ -365,29 +439,29 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
 
 
 def row(name: str, us: list[float]) -> str:
-    return (f"  {name:<8} n={len(us):<5} p50 {percentile(us, 50):7.1f} us   p99 {percentile(us, 99):7.1f} us   "
+    if not us:
+        return f"  {name:<22} (none)"
+    return (f"  {name:<22} n={len(us):<5} p50 {percentile(us, 50):7.1f} us   p99 {percentile(us, 99):7.1f} us   "
             f"mean {statistics.fmean(us):7.1f} us   max {max(us):8.1f} us")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--orders", type=int, default=2000, help="measured orders per run (entries + exits)")
-    parser.add_argument("--warmup", type=int, default=100, help="orders sent first and not measured")
+    parser.add_argument("--orders", type=int, default=2000,
+                        help="measured market orders per run (entries + take-profit exits)")
+    parser.add_argument("--warmup", type=int, default=50, help="rounds (entry + exit) first, not measured")
     parser.add_argument("--repeat", type=int, default=3, help="independent runs (fresh ledger each)")
     parser.add_argument("--gap-ms", type=float, default=2.0, help="idle time before each update")
     parser.add_argument("--journal", action="store_true", help="also run the journal writer on the bus")
     parser.add_argument("--breakdown", action="store_true", help="also time each stage of the path")
     args = parser.parse_args()
-    if args.orders < 2 or args.repeat < 1:
-        parser.error("need --orders >= 2 and --repeat >= 1")
+    if args.orders < 2 or args.repeat < 1 or args.warmup < 0:
+        parser.error("need --orders >= 2, --repeat >= 1 and --warmup >= 0")
     # The daemon's log pipeline (JSON, scrubbed), written to /dev/null: its cost stays, its lines do not.
     with open(os.devnull, "w") as sink:
         configure_logging("json", "INFO", stream=sink)
-        results: list[RunResult] = []
-        for _ in range(args.repeat):
-            results.append(asyncio.run(one_run(args.orders, args.warmup, args.gap_ms, args.journal, args.breakdown)))
-            with contextlib.suppress(Exception):
-                sink.flush()
+        results = [asyncio.run(one_run(args.orders, args.warmup, args.gap_ms, args.journal, args.breakdown))
+                   for _ in range(args.repeat)]
     report(args, results)
 
 
@@ -395,21 +469,24 @@ def report(args: argparse.Namespace, results: list[RunResult]) -> None:
     print(f"tick to order (update published -> PaperExchange.create_order returned), {SYMBOL}, "
           f"{'with' if args.journal else 'without'} journal writer, gap {args.gap_ms:g} ms")
     for i, res in enumerate(results, 1):
-        print(f"run {i}: exits {res.exits_by_reason}, denied {res.denied}, rejected {res.rejected}"
+        print(f"run {i}: closed trades {res.closed}, denied {res.denied}, rejected {res.rejected}, "
+              f"engine sells after the exchange's stop filled {res.sells_after_exchange_stop}"
               + (f", journal rows {res.journal_rows}" if args.journal else ""))
-        print(row("all", res.all_us))
-        print(row("entries", res.entries_us))
-        print(row("exits", res.exits_us))
-        for leg, splits in (("entries", res.entry_stages), ("exits", res.exit_stages)):
+        print(row("orders (entry + TP)", res.orders_us))
+        print(row("entries (market buy)", res.entries_us))
+        print(row("take-profit exits", res.take_profit_us))
+        print(row("protective stop placed", res.protective_us))
+        print(row("stop-loss filled (exch)", res.stop_fill_us))
+        for leg, splits in (("entries", res.entry_stages), ("take-profit exits", res.exit_stages)):
             if splits:
                 print(f"  stages of {leg} (p50 / p99 us):")
                 for stage in STAGES:
                     values = [d[stage] for d in splits]
                     print(f"    {stage:<9} {percentile(values, 50):7.1f} / {percentile(values, 99):7.1f}"
                           f"   {STAGE_HELP[stage]}")
-    p50s = [percentile(r.all_us, 50) for r in results]
-    p99s = [percentile(r.all_us, 99) for r in results]
-    print(f"over {len(results)} runs: p50 median {statistics.median(p50s):.1f} us "
+    p50s = [percentile(r.orders_us, 50) for r in results]
+    p99s = [percentile(r.orders_us, 99) for r in results]
+    print(f"over {len(results)} runs, orders (entry + TP): p50 median {statistics.median(p50s):.1f} us "
           f"(range {min(p50s):.1f}-{max(p50s):.1f}); p99 median {statistics.median(p99s):.1f} us "
           f"(range {min(p99s):.1f}-{max(p99s):.1f})")
     verdict = "met" if statistics.median(p99s) <= 250 else "NOT met"

@@ -7,6 +7,8 @@ order manager). The decisions are pure functions in `engines.futures_risk`, `eng
 
 Each step (every `futures_monitor_interval_seconds`, or sooner on new data):
 
+0. Positions are read from the ledger again, so a fill the engine did not make itself (a liquidation,
+   the Orchestrator's flattening) never leaves it managing a position that is gone.
 1. The day's baseline (UTC): at the first step of a day the engine's equity and mark-to-market value
    are persisted; the day's P&L is the mark now minus the mark then. A loss of
    `futures_emergency_close_pct` of the day's starting equity closes every position and stops entries
@@ -17,7 +19,9 @@ Each step (every `futures_monitor_interval_seconds`, or sooner on new data):
 3. Entries, when a scan is due (`futures_scan_interval_seconds`, or a new 15m bar): scan, analyse the
    top candidates, and for each signal that is confident enough and on fresh data: leverage, size,
    pre-trade checks, then the order. `OrderIntent.notional` is the position's margin, and the engine's
-   allocator exposure is the margin of its open positions, so the allocator budgets margin.
+   allocator exposure is the margin of its open positions, so the allocator budgets margin. A symbol
+   is entered at most once per 15m bar of its signal: a position stopped out is not re-entered at once
+   on the very data that opened it (kept in memory: a restart forgets it).
 
 Partial take-profits are marked in the ledger position's `meta` *before* their order is sent and
 unmarked only if the order is refused, so a crash between the two can never repeat a partial: at
@@ -33,8 +37,9 @@ from decimal import Decimal
 from typing import Any
 
 from config import Settings
+from config import futures_problems as settings_problems
 from core.clock import utc_datetime
-from core.errors import DependencyError
+from core.errors import ConfigError, DependencyError, TemporaryError
 from core.types import (
     ZERO,
     CandleSeries,
@@ -179,6 +184,9 @@ class FuturesEngine(BaseEngine):
     def __init__(self, ctx: EngineContext, *, ticker_source: TickerSource | None = None,
                  candle_source: CandleSource | None = None) -> None:
         super().__init__(ctx)
+        problems = settings_problems(ctx.settings)
+        if problems:
+            raise ConfigError(problems)
         self.params = FuturesParams.from_settings(ctx.settings)
         p = self.params
         self.cache = CandleCache(candle_source or self._feed_candles, self.clock, concurrency=p.concurrency,
@@ -512,6 +520,8 @@ class FuturesEngine(BaseEngine):
             self.counters.extra["blocked"] += 1
             self.log.info("entry blocked by pre-trade checks", symbol=symbol, reasons=list(checks.reasons))
             return False
+        if not await self._set_up_symbol(symbol, leverage):
+            return False
         intent = OrderIntent(
             engine=self.ctx.name, market=MarketType.FUTURES, symbol=symbol,
             side=signal.direction.entry_side, amount=sizing.amount, order_type=OrderType.MARKET,
@@ -531,6 +541,22 @@ class FuturesEngine(BaseEngine):
                       price=str(position.entry_price), leverage=leverage, margin=str(sizing.margin),
                       confidence=signal.confidence, stop_loss=str(position.stop_loss),
                       take_profit=str(position.take_profit))
+        return True
+
+    async def _set_up_symbol(self, symbol: str, leverage: int) -> bool:
+        """Isolated margin and this leverage on the exchange before the entry. The live client does not
+        apply `OrderRequest.leverage` by itself (Binance keeps leverage per symbol), so without this an
+        entry would trade at whatever leverage the account last had. An exchange without the call
+        relies on the order's leverage alone."""
+        setup = getattr(self.ctx.exchange, "ensure_symbol_setup", None)
+        if setup is None:
+            return True
+        try:
+            await self.clock.wait_for(setup(symbol, leverage, "isolated"), self.params.fetch_timeout)
+        except (TimeoutError, TemporaryError, DependencyError) as exc:
+            self.log.warning("entry skipped: leverage not set", symbol=symbol, leverage=leverage,
+                             error=str(exc) or type(exc).__name__)
+            return False
         return True
 
     async def _set_exit_levels(self, position: Position, distance_pct: Decimal) -> None:

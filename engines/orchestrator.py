@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from config import Settings
+from config import TIMEFRAME_SECONDS, Settings
 from core.clock import Clock
 from core.errors import KineticError, OperationalError
 from core.events import (
@@ -38,9 +38,11 @@ from core.types import (
     OrderState,
     OrderType,
     Position,
+    PositionSide,
     TradingState,
 )
 from engines.base import BaseEngine, EngineContext
+from engines.futures import FuturesEngine
 from engines.reconcile import reconcile_engine
 from engines.spot import SpotEngine
 from engines.supervisor import SlotState, Supervisor
@@ -50,6 +52,7 @@ from exchange.feeds import LiveFeed, ReplayFeed, discover_replay_files, loopback
 from exchange.markets import paper_markets
 from exchange.orders import OrderManager
 from exchange.paper import PaperExchange
+from exchange.paper_futures import FundingPayment, PaperFuturesExchange
 from exchange.ratelimit import BudgetRegistry
 from monitoring.control import (
     ENGINE_TARGETS,
@@ -73,7 +76,9 @@ log = structlog.get_logger("orchestrator")
 
 T = TypeVar("T")
 
-ENGINE_CLASSES: dict[str, type[BaseEngine]] = {"spot": SpotEngine}
+ENGINE_CLASSES: dict[str, type[BaseEngine]] = {"spot": SpotEngine, "futures": FuturesEngine}
+FUTURES_TIMEFRAMES = ["15m", "1h", "4h"]
+FUNDING_KIND = "FundingPaid"
 MARKET_OF = {"spot": MarketType.SPOT, "futures": MarketType.FUTURES}
 RISK_KEY = "risk"
 PAUSE_KEY = "pause"
@@ -128,6 +133,7 @@ class Orchestrator:
         self.ops = Operations(settings, clock, self.bus, notifier=notifier, telegram_base_url=telegram_base_url)
         self.ledger: Ledger | None = None
         self.feed: MarketFeed | None = None
+        self.feeds: dict[str, MarketFeed] = {}
         self.parts: dict[str, EngineParts] = {}
         self.allocator: CapitalAllocator | None = None
         self.monitor: GlobalRiskMonitor | None = None
@@ -238,20 +244,34 @@ class Orchestrator:
             cursor = await self._ledger().get_state(self._cursor_key())
             self.feed = ReplayFeed(
                 {sym: files[sym] for sym in symbols}, self.clock,
-                base_timeframe=s.spot_timeframe, speed=self.speed, warmup_bars=s.replay_warmup_bars,
-                start_cursor=int(cursor["cursor"]) if cursor else None,
+                base_timeframe=self._replay_base(engines), speed=self.speed,
+                warmup_bars=s.replay_warmup_bars, start_cursor=int(cursor["cursor"]) if cursor else None,
                 spread_bps=s.paper_spread_bps,
             )
+            self.feeds = {name: self.feed for name in engines}
         else:
-            urls = (loopback_api_urls(s.exchange_url_override, MarketType.SPOT)
-                    if s.exchange_url_override else None)
-            self.feed = LiveFeed(
-                self.clock, symbols, [s.spot_timeframe], market_type=MarketType.SPOT,
-                poll_seconds=s.spot_monitor_interval_seconds,
-                candle_poll_seconds=min(60.0, s.spot_scan_interval_seconds),
-                timeout_seconds=s.exchange_timeout_seconds, urls=urls,
-            )
-        await self.feed.start()
+            for name in engines:
+                market = MARKET_OF[name]
+                urls = loopback_api_urls(s.exchange_url_override, market) if s.exchange_url_override else None
+                if name == "spot":
+                    feed: MarketFeed = LiveFeed(
+                        self.clock, self._symbols_of(name), [s.spot_timeframe], market_type=market,
+                        poll_seconds=s.spot_monitor_interval_seconds,
+                        candle_poll_seconds=min(60.0, s.spot_scan_interval_seconds),
+                        timeout_seconds=s.exchange_timeout_seconds, urls=urls,
+                    )
+                else:
+                    feed = LiveFeed(
+                        self.clock, self._symbols_of(name), FUTURES_TIMEFRAMES, market_type=market,
+                        poll_seconds=s.futures_monitor_interval_seconds,
+                        candle_poll_seconds=min(60.0, s.futures_scan_interval_seconds),
+                        timeout_seconds=s.exchange_timeout_seconds, urls=urls,
+                        candle_limit=max(500, s.futures_candle_limit),
+                    )
+                self.feeds[name] = feed
+            self.feed = self.feeds[engines[0]]
+        for feed in {id(f): f for f in self.feeds.values()}.values():
+            await feed.start()
         if s.trading_mode != "paper":
             budgets = BudgetRegistry(self.clock, share=s.exchange_weight_share_pct / 100)
             for name in engines:
@@ -266,12 +286,20 @@ class Orchestrator:
         shares = self._paper_wallets(engines)
         for name in engines:
             market = MARKET_OF[name]
-            exchange = PaperExchange(
-                market, self.feed, self.clock, paper_markets(self._symbols_of(name), market),
-                {"USDT": shares[name]},
-                taker_fee_pct=s.paper_taker_fee_pct, maker_fee_pct=s.paper_maker_fee_pct,
-                slippage_bps=s.paper_slippage_bps,
-            )
+            markets = paper_markets(self._symbols_of(name), market)
+            exchange: PaperExchange | PaperFuturesExchange
+            if market is MarketType.SPOT:
+                exchange = PaperExchange(
+                    market, self.feeds[name], self.clock, markets, {"USDT": shares[name]},
+                    taker_fee_pct=s.paper_taker_fee_pct, maker_fee_pct=s.paper_maker_fee_pct,
+                    slippage_bps=s.paper_slippage_bps,
+                )
+            else:
+                # Binance USD-M's standard fees (0.05% taker, 0.02% maker) and funding; not spot's.
+                exchange = PaperFuturesExchange(
+                    self.feeds[name], self.clock, markets, shares[name], slippage_bps=s.paper_slippage_bps,
+                    on_funding=self._record_funding,
+                )
             await exchange.load_markets()
             self._add_engine_parts(name, exchange)
 
@@ -306,7 +334,22 @@ class Orchestrator:
     def _symbols_of(self, engine: str) -> list[str]:
         if engine == "spot":
             return list(self.settings.spot_symbols)
+        if engine == "futures":
+            return list(self.settings.futures_symbols)
         return []
+
+    def _replay_base(self, engines: list[str]) -> str:
+        """One replay feeds both engines: its step must divide the futures engine's 15m bars."""
+        spot_tf = self.settings.spot_timeframe
+        if "futures" in engines and TIMEFRAME_SECONDS[spot_tf] > TIMEFRAME_SECONDS["15m"]:
+            return "15m" if TIMEFRAME_SECONDS[spot_tf] % TIMEFRAME_SECONDS["15m"] == 0 else "5m"
+        return spot_tf
+
+    def _record_funding(self, payment: FundingPayment) -> None:
+        """Paper funding changes the futures wallet; journaled so a restart can replay it exactly."""
+        self._own(self._ledger().journal(FUNDING_KIND, {
+            "symbol": payment.symbol, "amount": str(payment.amount), "rate": str(payment.rate),
+            "ts": payment.ts}, payment.ts), "funding")
 
     def _cursor_key(self) -> str:
         return f"replay_cursor:{self.replay_path}"
@@ -314,7 +357,7 @@ class Orchestrator:
     def _add_engine_parts(self, name: str, exchange: Exchange) -> None:
         orders = OrderManager(name, exchange, self._ledger(), self.bus, self.clock,
                               send_timeout=self.settings.exchange_timeout_seconds)
-        if isinstance(exchange, PaperExchange):
+        if isinstance(exchange, PaperExchange | PaperFuturesExchange):
             exchange.on_fill = lambda update, om=orders: self._own(self._late_fill(om, update), "late-fill")
         self.parts[name] = EngineParts(name=name, exchange=exchange, orders=orders,
                                        context=None, trade_lock=asyncio.Lock())  # type: ignore[arg-type]
@@ -332,14 +375,25 @@ class Orchestrator:
         """Bring the ledger and the (paper) exchange into agreement before any engine trades."""
         ledger = self._ledger()
         for name, part in self.parts.items():
-            if isinstance(part.exchange, PaperExchange):
+            if isinstance(part.exchange, PaperExchange | PaperFuturesExchange):
                 fills = await ledger.fills(engine=name)
                 resting = await ledger.orders_in_states([OrderState.OPEN, OrderState.PARTIALLY_FILLED],
                                                          engine=name)
-                part.exchange.restore(fills, [
+                requests = [
                     OrderRequest(o.client_order_id, o.symbol, o.side, o.order_type, o.amount,
                                  o.price, o.stop_price, o.reduce_only, o.leverage) for o in resting
-                ])
+                ]
+                if isinstance(part.exchange, PaperExchange):
+                    part.exchange.restore(fills, requests)
+                else:
+                    funding = [
+                        FundingPayment(r["payload"]["symbol"], Decimal(r["payload"]["amount"]),
+                                       Decimal(r["payload"]["rate"]), float(r["payload"]["ts"]))
+                        for r in reversed(await ledger.read_journal(FUNDING_KIND, limit=10_000_000))
+                    ]
+                    leverage = {p.symbol: p.leverage for p in await ledger.positions(name)}
+                    leverage.update({o.symbol: o.leverage for o in resting if o.leverage})
+                    part.exchange.restore(fills, requests, funding, leverage)
             await reconcile_engine(name, part.exchange, part.orders, ledger, self._symbols_of(name),
                                    self.bus, self.clock)
 
@@ -353,7 +407,10 @@ class Orchestrator:
         saved = await ledger.get_state(RISK_KEY)
         state = RiskState.from_dict(saved) if saved else None
         self.monitor = GlobalRiskMonitor(RiskLimits.from_settings(s), state)
-        limits = {"spot": EngineLimits(max_positions=s.spot_max_positions, max_leverage=1)}
+        limits = {
+            "spot": EngineLimits(max_positions=s.spot_max_positions, max_leverage=1),
+            "futures": EngineLimits(max_positions=s.futures_max_positions, max_leverage=s.futures_max_leverage),
+        }
         self.gate = RiskGate(self.monitor, self.allocator, limits)
         paused = await ledger.get_state(PAUSE_KEY) or {}
         for name in engines:
@@ -373,7 +430,7 @@ class Orchestrator:
         for name, part in self.parts.items():
             part.context = EngineContext(
                 name=name, settings=s, clock=self.clock, bus=self.bus, ledger=self._ledger(),
-                exchange=part.exchange, feed=self._feed(), gate=self._gate(), allocator=self._allocator(),
+                exchange=part.exchange, feed=self.feeds[name], gate=self._gate(), allocator=self._allocator(),
                 health=self.health, orders=part.orders, equity=lambda: self._equity,
                 trade_lock=part.trade_lock,
             )
@@ -395,7 +452,7 @@ class Orchestrator:
 
     async def _start_supervisor(self) -> None:
         for name, part in self.parts.items():
-            if isinstance(part.exchange, PaperExchange):
+            if isinstance(part.exchange, PaperExchange | PaperFuturesExchange):
                 self._own(part.exchange.run(), f"paper:{name}")
         self._own(self._supervise(), "supervisor")
 
@@ -423,9 +480,9 @@ class Orchestrator:
             positions = tuple(await ledger.positions(name))
             unrealized = ZERO
             for p in positions:
-                ticker = self._feed().ticker(p.symbol)
+                ticker = self.feeds[name].ticker(p.symbol)
                 if ticker is not None:
-                    unrealized += p.unrealized_pnl(ticker.bid)
+                    unrealized += p.unrealized_pnl(ticker.bid if p.side is PositionSide.LONG else ticker.ask)
             realized = await ledger.realized_pnl(name)
             self.books[name] = EngineBook(balance.equity, realized, unrealized, positions)
             total += balance.equity
@@ -561,8 +618,8 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush_journal()
-        if self.feed is not None:
-            await self.feed.stop()
+        for feed in {id(f): f for f in self.feeds.values()}.values():
+            await feed.stop()
         for part in self.parts.values():
             await part.exchange.close()
         orphans = [t for t in self._engine_tasks if not t.done()]

@@ -16,11 +16,12 @@ import pytest
 
 from config import Settings
 from core.clock import DAY_SECONDS, SimClock
+from core.errors import OrderRejected
 from core.events import EventBus
 from core.types import CandleSeries, MarketType, OrderIntent, OrderState, PositionSide, Side, Ticker
 from engines.analysis import TIMEFRAMES
 from engines.base import EngineContext
-from engines.futures import FuturesEngine
+from engines.futures import FuturesEngine, settings_problems
 from exchange.candles import timeframe_seconds
 from exchange.feed_signal import UpdateSignal
 from exchange.markets import paper_markets
@@ -184,6 +185,27 @@ async def test_entry_sets_leverage_size_margin_and_exit_levels(make_rig: Any) ->
     assert exchange_position.leverage == 10 and exchange_position.margin == D(300)
     status = rig.engine.get_status()
     assert status["entries"] == 1 and status["candidates"] == ["AAA/USDT"]
+
+
+async def test_leverage_is_set_on_the_exchange_before_the_entry(make_rig: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    rig: Rig = await make_rig(["AAA/USDT", "BBB/USDT"], futures_max_correlated_positions=5)
+    calls: list[tuple[str, int | None, str]] = []
+    real = rig.exchange.ensure_symbol_setup
+
+    async def setup(symbol: str, leverage: int | None, margin_mode: str = "isolated") -> None:
+        calls.append((symbol, leverage, margin_mode))
+        if symbol == "BBB/USDT":
+            raise OrderRejected("leverage 10 not allowed")  # as a live exchange may answer
+        await real(symbol, leverage, margin_mode)
+
+    monkeypatch.setattr(rig.exchange, "ensure_symbol_setup", setup)
+    rig.feed.trend("AAA/USDT", PositionSide.LONG)
+    rig.feed.trend("BBB/USDT", PositionSide.LONG)
+    await rig.step()
+    assert sorted(calls) == [("AAA/USDT", 10, "isolated"), ("BBB/USDT", 10, "isolated")]
+    assert [p.symbol for p in await rig.ledger.positions("futures")] == ["AAA/USDT"]  # BBB skipped, not sent
+    assert rig.exchange.leverage("AAA/USDT") == 10
 
 
 async def test_short_entry_mirrors_the_levels(make_rig: Any) -> None:
@@ -396,3 +418,14 @@ async def test_a_position_closed_outside_the_engine_is_dropped_at_the_next_step(
     await rig.step()
     assert rig.engine.positions == {} and await rig.exits() == [("flatten: kill", position.amount, True)]
     assert rig.allocator.exposure("futures") == 0
+
+
+def test_inconsistent_settings_are_reported_one_line_each() -> None:
+    s = Settings(_env_file=None, futures_ema_fast=30, futures_ema_slow=20,  # type: ignore[call-arg]
+                 futures_max_stop_pct=5.0, futures_leverage_mid_confidence=90.0)
+    problems = settings_problems(s)
+    assert len(problems) == 3
+    assert any(p.startswith("FUTURES_EMA_FAST (30) must be below FUTURES_EMA_SLOW") for p in problems)
+    assert any("FUTURES_FORCE_CLOSE_PCT" in p for p in problems)
+    assert any("FUTURES_LEVERAGE_HIGH_CONFIDENCE" in p for p in problems)
+    assert settings_problems(Settings(_env_file=None)) == []  # type: ignore[call-arg]
