@@ -58,7 +58,7 @@ def secrets_of(settings: Settings) -> list[str]:
 async def run_daemon(settings: Settings, args: argparse.Namespace) -> int:
     import structlog
 
-    from engines.orchestrator import Orchestrator, StartupError
+    from engines.orchestrator import Orchestrator, StartupAborted, StartupError
 
     log = structlog.get_logger("main")
     loop = asyncio.get_running_loop()
@@ -81,6 +81,9 @@ async def run_daemon(settings: Settings, args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await orch.run()
+    except StartupAborted as exc:
+        log.warning(f"start-up interrupted: {exc}")
+        return 0
     except StartupError as exc:
         hint = "" if replay is not None or settings.trading_mode != "paper" else (
             " — to run offline on the bundled market data: python main.py --replay"
@@ -90,6 +93,9 @@ async def run_daemon(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+    if orch.crashed:
+        log.error("stopped after an internal failure; exiting 1 so the service manager restarts us")
+        return 1
     return 0
 
 

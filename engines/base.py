@@ -8,6 +8,7 @@ reloads positions from the ledger, so nothing an engine holds in memory is ever 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,8 +19,8 @@ import structlog
 from config import Settings
 from core.clock import Clock
 from core.events import DataStale, EventBus, OrderDenied
-from core.types import ZERO, CandleSeries, OrderIntent, Position, Ticker
-from exchange.base import Exchange, MarketFeed
+from core.types import ZERO, CandleSeries, OrderIntent, OrderState, Position, Ticker
+from exchange.base import Exchange, MarketFeed, quantize_down
 from exchange.orders import OrderManager, SubmitResult
 from monitoring.health import HealthMonitor
 from risk.allocator import CapitalAllocator
@@ -88,6 +89,13 @@ class BaseEngine:
         return 5.0
 
     async def load_state(self) -> None:
+        """Settle this engine's orders that a previous instance left pending or unknown (a restart after
+        a stall or crash), then load positions: a fresh instance never trades on a stale picture."""
+        self.ctx.orders.on_wait = self.heartbeat
+        unsettled = await self.ctx.ledger.orders_in_states([OrderState.PENDING, OrderState.UNKNOWN],
+                                                           engine=self.ctx.name)
+        for order in unsettled:
+            await self.ctx.orders.resolve_unknown(order)
         await self.refresh_positions()
 
     async def run(self) -> None:
@@ -179,6 +187,20 @@ class BaseEngine:
             return await self._trade_locked(intent)
 
     async def _trade_locked(self, intent: OrderIntent) -> SubmitResult | None:
+        if intent.reduce_only:
+            # The position may have changed while waiting for the lock (a stop filled, a flatten ran):
+            # never sell more than the ledger says is held, and nothing when it is gone.
+            held = next((p for p in await self.ctx.ledger.positions(self.ctx.name) if p.symbol == intent.symbol),
+                        None)
+            if held is None or held.side.exit_side is not intent.side:
+                self.log.info("reduce-only order dropped: no position to reduce", symbol=intent.symbol)
+                await self.refresh_positions()
+                return None
+            if intent.amount > held.amount:
+                step = self.ctx.exchange.market(intent.symbol).amount_step
+                intent = dataclasses.replace(intent, amount=quantize_down(held.amount, step))
+                if intent.amount <= 0:
+                    return None
         decision = self.ctx.gate.check(
             intent,
             equity=self.ctx.equity(),

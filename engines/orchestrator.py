@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -88,6 +89,25 @@ class StartupError(KineticError):
     """A start-up stage failed; the message says which and what to do."""
 
 
+class StartupAborted(KineticError):
+    """A stop was requested while starting: shut down cleanly before any further stage runs."""
+
+
+def lock_data_dir(data_dir: Path) -> Any:
+    """An exclusive advisory lock on DATA_DIR/daemon.lock, held for the life of the process (the OS
+    drops it if the process dies, so a SIGKILL never leaves it stale)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / "daemon.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OperationalError(
+            f"another Kinetic Empire process is already running on DATA_DIR={data_dir}; stop it first"
+        ) from None
+    return handle
+
+
 @dataclass
 class EngineParts:
     """The per-engine services that outlive engine restarts."""
@@ -147,6 +167,11 @@ class Orchestrator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._engine_tasks: set[asyncio.Task[None]] = set()
         self._risk_dirty = False
+        self._crashed = False
+        self._books_complete = False
+        self._flatten_task: asyncio.Task[Any] | None = None
+        self._flatten_wanted: tuple[bool, str] = (False, "")
+        self._lock_file: Any = None
         self._journal_sub: Subscription | None = None
         self.ready = asyncio.Event()
 
@@ -155,6 +180,11 @@ class Orchestrator:
     def mode(self) -> str:
         feed = "replay" if self.replay_path is not None else "live data"
         return f"{self.settings.trading_mode} ({feed})"
+
+    @property
+    def crashed(self) -> bool:
+        """True when the stop was forced by a broken invariant: main exits 1 so systemd restarts us."""
+        return self._crashed
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -173,6 +203,8 @@ class Orchestrator:
 
     # --- start-up --------------------------------------------------------------------------------
     async def _stage(self, name: str, make: Callable[[], Awaitable[T]]) -> T:
+        if self._stop.is_set():
+            raise StartupAborted(f"stop requested before start-up stage '{name}'")
         timeout = self.settings.startup_stage_timeout_seconds
         started = self.clock.monotonic()
         log.info("start-up stage", stage=name)
@@ -202,6 +234,7 @@ class Orchestrator:
             # A service task (supervisor, feed, journal) dying is a broken invariant: stop cleanly and
             # let systemd restart us from the ledger.
             log.error("service task died", task=task.get_name(), error=repr(exc), exc_info=exc)
+            self._crashed = True
             self.request_stop(f"service task {task.get_name()} died")
 
     async def _startup(self) -> None:
@@ -227,6 +260,8 @@ class Orchestrator:
         self.ops.ready(f"trading {self.trading_state.value}: {', '.join(self.parts)}")
 
     async def _open_ledger(self) -> Ledger:
+        """Take DATA_DIR for this process alone first: two daemons on one ledger would both trade."""
+        self._lock_file = await asyncio.to_thread(lock_data_dir, self.settings.data_dir)
         return await Ledger.open(self.settings.ledger_path, self.clock)
 
     async def _connect_market(self) -> None:
@@ -352,7 +387,8 @@ class Orchestrator:
             "ts": payment.ts}, payment.ts), "funding")
 
     def _cursor_key(self) -> str:
-        return f"replay_cursor:{self.replay_path}"
+        path = self.replay_path.resolve() if self.replay_path is not None else None
+        return f"replay_cursor:{path}"
 
     def _add_engine_parts(self, name: str, exchange: Exchange) -> None:
         orders = OrderManager(name, exchange, self._ledger(), self.bus, self.clock,
@@ -417,8 +453,9 @@ class Orchestrator:
             if paused.get(name):
                 self.gate.set_paused(name, True)
                 log.warning("engine paused (from ledger)", engine=name)
+        await self._await_prices()
         await self._refresh_books()
-        await self._apply_transitions(self.monitor.update(self.clock.now(), self._equity_by_engine()))
+        await self._update_risk()
         log.info("risk state", trading_state=str(self.monitor.trading_state),
                  reason=self.monitor.state.reason, until=self.monitor.state.until,
                  equity=str(self._equity))
@@ -454,6 +491,8 @@ class Orchestrator:
         for name, part in self.parts.items():
             if isinstance(part.exchange, PaperExchange | PaperFuturesExchange):
                 self._own(part.exchange.run(), f"paper:{name}")
+            else:
+                self._own(self._poll_orders(part), f"order-poll:{name}")
         self._own(self._supervise(), "supervisor")
 
     # --- supervision -----------------------------------------------------------------------------
@@ -463,7 +502,7 @@ class Orchestrator:
         while not self._stop.is_set():
             await sup.tick()
             await self._refresh_books()
-            await self._apply_transitions(self._monitor().update(self.clock.now(), self._equity_by_engine()))
+            await self._update_risk()
             await self._persist_progress()
             self.ops.tick(await self.status())
             due = sup.next_restart_due()
@@ -472,9 +511,19 @@ class Orchestrator:
             with contextlib.suppress(TimeoutError):
                 await self.clock.wait_for(sup.wake.wait(), wait)
 
+    async def _poll_orders(self, part: EngineParts) -> None:
+        """Live and testnet: learn about fills of orders resting on the exchange (a protective stop
+        that fired) within a few seconds, not only at the next start-up."""
+        interval = max(2.0, self.settings.spot_monitor_interval_seconds)
+        while True:
+            await self.clock.sleep(interval)
+            async with part.trade_lock:
+                await part.orders.poll_open_orders()
+
     async def _refresh_books(self) -> None:
         ledger = self._ledger()
         total = ZERO
+        complete = True
         for name, part in self.parts.items():
             balance = await part.exchange.fetch_balance()
             positions = tuple(await ledger.positions(name))
@@ -483,10 +532,33 @@ class Orchestrator:
                 ticker = self.feeds[name].ticker(p.symbol)
                 if ticker is not None:
                     unrealized += p.unrealized_pnl(ticker.bid if p.side is PositionSide.LONG else ticker.ask)
+                else:
+                    complete = False
             realized = await ledger.realized_pnl(name)
             self.books[name] = EngineBook(balance.equity, realized, unrealized, positions)
             total += balance.equity
         self._equity = total
+        # Equity without a price for every held position undercounts it (a coin with no price is worth
+        # nothing to the paper books): the breaker must not judge such a figure.
+        self._books_complete = complete
+
+    async def _update_risk(self) -> None:
+        if not self._books_complete:
+            log.warning("risk check skipped: some held symbols have no price yet")
+            return
+        await self._apply_transitions(self._monitor().update(self.clock.now(), self._equity_by_engine()))
+
+    async def _await_prices(self) -> None:
+        """At start-up, give the market feed a bounded moment to price every held position."""
+        deadline = self.clock.monotonic() + min(30.0, self.settings.startup_stage_timeout_seconds / 2)
+        while True:
+            missing = sorted({p.symbol for name in self.parts for p in await self._ledger().positions(name)
+                              if self.feeds[name].ticker(p.symbol) is None})
+            if not missing or self.clock.monotonic() >= deadline:
+                break
+            await self.clock.sleep(0.1)
+        if missing:
+            log.warning("no price yet for held positions; the breaker waits for them", symbols=missing)
 
     def _equity_by_engine(self) -> dict[str, Decimal]:
         return {name: book.equity for name, book in self.books.items()}
@@ -498,10 +570,12 @@ class Orchestrator:
             self.bus.publish(TradingStateChanged(ts=self.clock.now(), old=t.old, new=t.new,
                                                  reason=t.reason, until=t.until))
             self._risk_dirty = True
-            if t.flatten:
-                await self.flatten_all(system=t.new is TradingState.HALTED, reason=t.reason)
+        # Persist first: a crash in the middle of flattening must not forget a trip or a kill.
         if transitions:
             await self._persist_risk()
+        flatten = [t for t in transitions if t.flatten]
+        if flatten:
+            self._request_flatten(system=flatten[-1].new is TradingState.HALTED, reason=flatten[-1].reason)
 
     async def _persist_risk(self) -> None:
         await self._ledger().set_state(RISK_KEY, self._monitor().state.to_dict())
@@ -514,16 +588,24 @@ class Orchestrator:
 
     async def flatten_all(self, *, system: bool, reason: str) -> int:
         """Close every position with market orders through the gate. `system` marks the kill switch's
-        own flattening, the one thing that passes while HALTED."""
-        sent = 0
+        own flattening, the one thing that passes while HALTED. A symbol with no price yet is left as it
+        is — its protective stop too — for the next pass, rather than cancelling the stop and failing
+        to sell. Returns how many positions are still open."""
+        remaining = 0
         for name, part in self.parts.items():
             async with part.trade_lock:
-                # Resting orders first: a protective stop left on the exchange would sell the same coins.
-                for order in await self._ledger().orders_in_states(
+                resting = await self._ledger().orders_in_states(
                     [OrderState.OPEN, OrderState.PARTIALLY_FILLED], engine=name
-                ):
-                    await part.orders.cancel(order)
-                for position in await self._ledger().positions(name):
+                )
+                positions = await self._ledger().positions(name)
+                for position in positions:
+                    if self.feeds[name].ticker(position.symbol) is None:
+                        remaining += 1
+                        log.error("flatten postponed: no price yet", engine=name, symbol=position.symbol)
+                        continue
+                    # Resting orders on this symbol first: a protective stop would sell the same coins.
+                    for order in [o for o in resting if o.symbol == position.symbol]:
+                        await part.orders.cancel(order)
                     market = part.exchange.market(position.symbol)
                     amount = quantize_down(position.amount, market.amount_step)
                     if amount <= 0:
@@ -536,16 +618,40 @@ class Orchestrator:
                     decision = self._gate().check(intent, equity=self._equity, open_positions=0,
                                                   has_position=True)
                     if not decision.allowed:
+                        remaining += 1
                         log.error("flatten denied", engine=name, symbol=position.symbol,
                                   reason=decision.reason)
                         continue
                     result = await part.orders.submit(intent)
-                    sent += 1
+                    if result.filled < amount:
+                        remaining += 1
                     log.warning("flattened", engine=name, symbol=position.symbol,
                                 filled=str(result.filled), error=result.error)
+                # Entry orders still resting (limit entries) go too; protective stops of positions that
+                # could not be closed stay.
+                for order in resting:
+                    if not order.reduce_only and not order.state.is_terminal:
+                        await part.orders.cancel(order)
                 if part.context is not None:
                     await self._refresh_engine_positions(name)
-        return sent
+        return remaining
+
+    def _request_flatten(self, *, system: bool, reason: str) -> asyncio.Task[Any]:
+        """Flatten in its own task, so the supervisor tick (and the watchdog ping) never waits on it."""
+        self._flatten_wanted = (system, reason)
+        if self._flatten_task is None or self._flatten_task.done():
+            self._flatten_task = self._own(self._flatten_until_flat(), "flatten")
+        return self._flatten_task
+
+    async def _flatten_until_flat(self) -> None:
+        interval = self.settings.health_check_interval_seconds
+        while True:
+            system, reason = self._flatten_wanted
+            remaining = await self.flatten_all(system=system, reason=reason)
+            if remaining == 0 or self.trading_state is TradingState.ACTIVE:
+                return
+            log.warning("positions still open after flatten; trying again", remaining=remaining)
+            await self.clock.sleep(interval)
 
     async def _refresh_engine_positions(self, name: str) -> None:
         sup = self.supervisor
@@ -593,6 +699,9 @@ class Orchestrator:
         self.ops.stopping()
         if self.supervisor is not None:
             await self.supervisor.stop_all()
+        for part in self.parts.values():
+            if not await part.orders.drain(self.settings.exchange_timeout_seconds):
+                log.error("an order send was still in flight at shutdown", engine=part.name)
         for task in list(self._tasks):
             if task.get_name() == "supervisor":
                 task.cancel()
@@ -627,6 +736,8 @@ class Orchestrator:
             log.error("engine tasks still running at exit", tasks=[t.get_name() for t in orphans])
         if self.ledger is not None:
             await self.ledger.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
         log.info("stopped")
 
     def _report_portfolio(self, *, final: bool) -> None:
@@ -803,14 +914,12 @@ class Orchestrator:
     async def kill(self, by: str) -> CommandResult:
         t = self._monitor().kill(self.clock.now(), f"kill by {by}")
         log.error("KILL SWITCH", by=by)
-        canceled = 0
-        for name, part in self.parts.items():
-            for order in await self._ledger().orders_in_states(
-                [OrderState.OPEN, OrderState.PARTIALLY_FILLED], engine=name
-            ):
-                await part.orders.cancel(order)
-                canceled += 1
-        await self._apply_transitions([t])  # the kill transition always flattens
+        await self._apply_transitions([t])  # persisted at once; the kill transition always flattens
+        task = self._flatten_task
+        if task is not None:
+            # Shielded: a caller that gives up waiting (Telegram's timeout) never stops the flattening.
+            with contextlib.suppress(TimeoutError):
+                await self.clock.wait_for(asyncio.shield(task), 15.0)
         remaining = len(await self._ledger().positions())
-        return CommandResult(True, f"HALTED: {canceled} orders canceled, positions flattened "
-                                   f"({remaining} left open); /resume all to trade again")
+        state = "flattened" if remaining == 0 else f"{remaining} positions still closing"
+        return CommandResult(True, f"HALTED: orders canceled, positions {state}; /resume all to trade again")

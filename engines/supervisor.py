@@ -77,6 +77,8 @@ class Supervisor:
 
     def start(self, name: str) -> None:
         slot = self.slots[name]
+        if self.stopping:
+            return
         slot.attempt += 1
         engine = slot.factory()
         slot.engine = engine
@@ -118,6 +120,8 @@ class Supervisor:
             self._schedule_restart(slot, "engine task was cancelled")
 
     def _schedule_restart(self, slot: EngineSlot, reason: str) -> None:
+        if self.stopping:
+            return
         decision = self.policy.on_restart(slot.name, self.clock.now())
         if not decision.allowed:
             slot.state = SlotState.FAILED
@@ -170,8 +174,8 @@ class Supervisor:
     async def restart_now(self, name: str, reason: str) -> None:
         """Stop the running instance and schedule a fresh one under the restart policy."""
         slot = self.slots[name]
-        if slot.state in (SlotState.FAILED, SlotState.STOPPED):
-            return
+        if slot.state in (SlotState.FAILED, SlotState.STOPPED, SlotState.RESTARTING) or self.stopping:
+            return  # already being restarted (a stall and a /restart at once start one engine, not two)
         slot.state = SlotState.RESTARTING
         if slot.engine is not None:
             await self.stop_engine(slot)
@@ -206,7 +210,7 @@ class Supervisor:
     async def stop_all(self) -> None:
         self.stopping = True
         results = await asyncio.gather(
-            *(self.stop_engine(slot) for slot in self.slots.values() if slot.state is SlotState.RUNNING)
+            *(self.stop_engine(slot) for slot in self.slots.values() if slot.task is not None and not slot.task.done())
         )
         for slot in self.slots.values():
             if slot.state is not SlotState.FAILED:

@@ -8,6 +8,8 @@ exchange for that client order id — never by sending again. The ledger is reac
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
@@ -157,6 +159,11 @@ class OrderManager:
         # still never share an id, and the persistent sequence makes ids unique within one boot.
         self._boot = boot_stamp if boot_stamp is not None else int(clock.now()) * 64 + os.getpid() % 64
         self.on_position_change: Callable[[str], None] | None = None
+        # Called while waiting on the exchange (resolving an unknown order), so an engine that is
+        # patiently resolving is not mistaken for a stalled one.
+        self.on_wait: Callable[[], None] | None = None
+        self.max_resolve_seconds = max(4 * unknown_grace_seconds, 120.0)
+        self._inflight: set[asyncio.Task[SubmitResult]] = set()
 
     async def new_client_order_id(self) -> str:
         seq = await self.store.next_sequence(f"coid:{self.engine}")
@@ -165,7 +172,25 @@ class OrderManager:
     async def submit(self, intent: OrderIntent) -> SubmitResult:
         """Write the order, send it once, record what came back. Never raises for one order's trouble:
         the outcome is in the result (and the ledger); operational errors propagate to halt the engine.
+
+        The send-and-record runs as its own task behind `asyncio.shield`: cancelling the caller (an
+        engine restart, shutdown, a Telegram timeout) never cuts an order off between the exchange's
+        answer and the ledger, where its fill would be lost. `drain()` waits for such orphans.
         """
+        task = asyncio.ensure_future(self._submit(intent))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait (bounded) for sends whose callers were cancelled; True when none is left."""
+        if not self._inflight:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await self.clock.wait_for(asyncio.wait(set(self._inflight)), timeout)
+        return not self._inflight
+
+    async def _submit(self, intent: OrderIntent) -> SubmitResult:
         now = self.clock.now()
         cid = await self.new_client_order_id()
         order = Order(
@@ -336,8 +361,11 @@ class OrderManager:
         # does not know is settled at once, while a fresh one gets the full grace for the exchange to
         # show it.
         deadline = max(order.updated_at, order.created_at) + self.unknown_grace_seconds
+        give_up = self.clock.now() + self.max_resolve_seconds
         delay = 0.5
         while True:
+            if self.on_wait is not None:
+                self.on_wait()
             try:
                 update = await self.clock.wait_for(
                     self.exchange.fetch_order(order.symbol, order.client_order_id), self.send_timeout
@@ -350,6 +378,12 @@ class OrderManager:
                     )
                     return await self._rejected(order, "never reached the exchange")
             except (TimeoutError, TemporaryError) as exc:
+                if self.clock.now() >= give_up:
+                    # Still unknown: leave it UNKNOWN in the ledger (never resend); the next start-up or
+                    # resolution pass asks again.
+                    log.error("order still unknown; will ask again later", engine=self.engine,
+                              client_order_id=order.client_order_id, error=str(exc))
+                    return SubmitResult(order=order, update=None, error=f"unresolved: {exc}")
                 log.info("resolving unknown order: retrying", client_order_id=order.client_order_id,
                          error=str(exc))
             else:
@@ -369,6 +403,29 @@ class OrderManager:
         except OrderNotFound:
             return await self.resolve_unknown(order)
         return await self.apply_update(order, update)
+
+    async def poll_open_orders(self) -> int:
+        """Ask the exchange about every order the ledger holds open (protective stops, resting entries)
+        and record what changed. The live exchange tells us nothing by itself; the paper exchange
+        reports through its callback instead. Returns how many orders changed."""
+        changed = 0
+        for order in await self.store.orders_in_states([OrderState.OPEN, OrderState.PARTIALLY_FILLED],
+                                                       engine=self.engine):
+            try:
+                update = await self.clock.wait_for(
+                    self.exchange.fetch_order(order.symbol, order.client_order_id), self.send_timeout
+                )
+            except OrderNotFound:
+                log.warning("open order not found on the exchange", engine=self.engine,
+                            client_order_id=order.client_order_id)
+                continue
+            except (TimeoutError, TemporaryError, DependencyError) as exc:
+                log.info("order poll skipped", client_order_id=order.client_order_id, error=str(exc))
+                continue
+            if update.state is not order.state or update.filled != order.filled:
+                await self.apply_update(order, update)
+                changed += 1
+        return changed
 
     async def resolve_open_orders(self) -> list[SubmitResult]:
         """At start-up: bring every non-terminal order of this engine in the ledger up to date."""

@@ -63,6 +63,16 @@ class _ScrubExceptionText:
         return event_dict
 
 
+class _ScrubRendered:
+    """Last in the chain: whatever a renderer produced (tracebacks included) is scrubbed once more."""
+
+    def __init__(self, scrubber: SecretScrubber) -> None:
+        self._scrubber = scrubber
+
+    def __call__(self, _logger: Any, _name: str, rendered: Any) -> Any:
+        return self._scrubber.scrub(rendered) if isinstance(rendered, str) else rendered
+
+
 def use_json(log_format: str, stream: Any = None) -> bool:
     if log_format == "json":
         return True
@@ -95,8 +105,10 @@ def configure_logging(
         ]
         renderer = final
     else:
+        # Plain tracebacks: rich's show_locals would print local variables (keys) unscrubbed.
         renderer = [
-            structlog.dev.ConsoleRenderer(colors=hasattr(stream, "isatty") and stream.isatty()),
+            structlog.dev.ConsoleRenderer(colors=hasattr(stream, "isatty") and stream.isatty(),
+                                          exception_formatter=structlog.dev.plain_traceback),
         ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -106,7 +118,8 @@ def configure_logging(
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer,
+                    _ScrubRendered(scrubber)],
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)

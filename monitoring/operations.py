@@ -48,7 +48,13 @@ class Operations:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("operations task died; trading goes on without it", task=task.get_name(),
+                      error=repr(task.exception()), exc_info=task.exception())
 
     def starting(self, stage: str) -> None:
         self.notifier.status(f"starting: {stage}")
