@@ -7,7 +7,8 @@ is only a test-time reference; this module needs numpy and scipy.
 
 How the numbers stay equal:
 
-* Recursive filters (EMA, Wilder smoothing in RSI and ATR) run in C through `scipy.signal.lfilter`,
+* Recursive filters (EMA, Wilder smoothing in RSI and ATR) run through `lfilter` below (scipy's C code
+  for long series, the same recursion in Python for the short windows the engines use),
   which evaluates the same first-order recursion TA-Lib does; seeds are summed in TA-Lib's order.
   The MACD line is the difference of two such filters, run as one second-order filter.
 * Where TA-Lib keeps a running total (the SMA inside STOCH, the money-flow sums of MFI) it leaves
@@ -48,7 +49,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy.signal import lfilter
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -116,6 +116,45 @@ def _spans(lo: int, hi: int, size: int = 0) -> Iterator[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- numeric building blocks
+
+
+# Below this many samples the recursion runs in Python: the engines evaluate windows of a few hundred
+# bars, and importing scipy.signal costs the daemon ~1 s of start-up and ~60 MB of memory. Longer
+# series (backtests, benchmarks) use scipy's C implementation, imported on first need.
+_PY_FILTER_MAX = 4096
+
+
+def lfilter(
+    b: npt.NDArray[Any], a: npt.NDArray[Any], x: npt.NDArray[Any], zi: npt.NDArray[Any]
+) -> tuple[FloatArray, FloatArray]:
+    """scipy.signal.lfilter(b, a, x, zi=zi) for a[0] == 1: direct form II transposed, with the same
+    operations in the same order as scipy's C loop, so both paths give the same floats."""
+    if len(x) > _PY_FILTER_MAX:
+        from scipy.signal import lfilter as c_lfilter
+
+        y, z = c_lfilter(b, a, x, zi=zi)
+        return y, z
+    order = max(len(b), len(a)) - 1
+    bl = [float(v) for v in b] + [0.0] * (order + 1 - len(b))
+    al = [float(v) for v in a] + [0.0] * (order + 1 - len(a))
+    z = [float(v) for v in zi]
+    out = np.empty(len(x), dtype=np.float64)
+    b0 = bl[0]
+    if order == 1:
+        b1, a1 = bl[1], al[1]
+        z0 = z[0]
+        for n, xn in enumerate(x.tolist()):
+            yn = z0 + b0 * xn
+            z0 = b1 * xn - a1 * yn
+            out[n] = yn
+        return out, np.array([z0])
+    for n, xn in enumerate(x.tolist()):
+        yn = z[0] + b0 * xn
+        for k in range(order - 1):
+            z[k] = z[k + 1] + bl[k + 1] * xn - al[k + 1] * yn
+        z[order - 1] = bl[order] * xn - al[order] * yn
+        out[n] = yn
+    return out, np.array(z)
 
 
 def _seq_sum(values: npt.NDArray[Any]) -> Any:

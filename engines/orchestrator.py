@@ -403,7 +403,7 @@ class Orchestrator:
         position: record it like any other answer. A liquidation has no order row of ours."""
         order = await self._ledger().get_order(update.client_order_id)
         if order is not None:
-            await orders.apply_update(order, update)
+            await orders.apply_update(order, update, notify=True)
         else:
             await orders.record_foreign_fills(update)
 

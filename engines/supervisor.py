@@ -141,7 +141,7 @@ class Supervisor:
                                          attempt=decision.attempt, backoff_seconds=decision.backoff))
         self.wake.set()
 
-    async def stop_engine(self, slot: EngineSlot) -> bool:
+    async def stop_engine(self, slot: EngineSlot, *, graceful: bool = True) -> bool:
         """Ask the engine to stop, then cancel it; True when its task ended within the stop timeout.
 
         A task that ignores cancellation is kept in `orphans` (still owned, still awaited at shutdown)
@@ -152,7 +152,9 @@ class Supervisor:
             slot.engine.stop()
         if task is None or task.done():
             return True
-        done = await self._wait_done(task, self.stop_timeout / 2)
+        # A stalled engine has shown it is not running its loop: waiting for it to notice stop() would only
+        # delay its replacement. A graceful stop gives it half the timeout to finish its step.
+        done = await self._wait_done(task, self.stop_timeout / 2) if graceful else False
         if not done:
             task.cancel()
             done = await self._wait_done(task, self.stop_timeout / 2)
@@ -171,14 +173,14 @@ class Supervisor:
             return task.done()
         return task.done()
 
-    async def restart_now(self, name: str, reason: str) -> None:
+    async def restart_now(self, name: str, reason: str, *, graceful: bool = True) -> None:
         """Stop the running instance and schedule a fresh one under the restart policy."""
         slot = self.slots[name]
         if slot.state in (SlotState.FAILED, SlotState.STOPPED, SlotState.RESTARTING) or self.stopping:
             return  # already being restarted (a stall and a /restart at once start one engine, not two)
         slot.state = SlotState.RESTARTING
         if slot.engine is not None:
-            await self.stop_engine(slot)
+            await self.stop_engine(slot, graceful=graceful)
         slot.engine = None
         self._schedule_restart(slot, reason)
 
@@ -197,7 +199,7 @@ class Supervisor:
                     self.bus.publish(EngineStalled(ts=now, engine=slot.name, heartbeat_age=age))
                 elif verdict is Verdict.RESTART:
                     log.error("engine stalled: restarting", engine=slot.name, heartbeat_age=round(age, 1))
-                    await self.restart_now(slot.name, f"heartbeat stalled for {age:.0f}s")
+                    await self.restart_now(slot.name, f"heartbeat stalled for {age:.0f}s", graceful=False)
             if slot.state is SlotState.RESTARTING and slot.restart_at is not None and now >= slot.restart_at:
                 self.start(slot.name)
             slot.orphans = [t for t in slot.orphans if not t.done()]

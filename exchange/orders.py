@@ -42,6 +42,7 @@ from exchange.base import Exchange, OrderRequest, OrderUpdate
 log = structlog.get_logger("orders")
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+ID_BLOCK = 1000
 
 
 def base36(n: int) -> str:
@@ -164,9 +165,17 @@ class OrderManager:
         self.on_wait: Callable[[], None] | None = None
         self.max_resolve_seconds = max(4 * unknown_grace_seconds, 120.0)
         self._inflight: set[asyncio.Task[SubmitResult]] = set()
+        self._seq_next = 0
+        self._seq_end = 0
 
     async def new_client_order_id(self) -> str:
-        seq = await self.store.next_sequence(f"coid:{self.engine}")
+        """Ids come from blocks of the persistent sequence: one ledger round trip per thousand orders
+        instead of one per order, and a restart always starts a fresh block, so no id repeats."""
+        if self._seq_next >= self._seq_end:
+            block = await self.store.next_sequence(f"coid:{self.engine}")
+            self._seq_next, self._seq_end = block * ID_BLOCK, (block + 1) * ID_BLOCK
+        seq = self._seq_next
+        self._seq_next += 1
         return make_client_order_id(self.engine, self._boot, seq)
 
     async def submit(self, intent: OrderIntent) -> SubmitResult:
@@ -269,8 +278,10 @@ class OrderManager:
         )
         return SubmitResult(order=order, update=None, error=reason)
 
-    async def apply_update(self, order: Order, update: OrderUpdate) -> SubmitResult:
-        """Record the exchange's view of an order: its fills (idempotently) and its state."""
+    async def apply_update(self, order: Order, update: OrderUpdate, *, notify: bool = False) -> SubmitResult:
+        """Record the exchange's view of an order: its fills (idempotently) and its state. `notify` tells
+        the engine its positions changed behind its back (a resting order filled); an engine's own
+        orders need no such news, it reloads after trading."""
         outcomes: list[FillOutcome] = []
         for raw in update.fills:
             fill = raw if raw.engine == self.engine else dataclasses.replace(raw, engine=self.engine)
@@ -296,7 +307,7 @@ class OrderManager:
                     symbol=order.symbol, reason="canceled",
                 )
             )
-        if outcomes and self.on_position_change is not None:
+        if notify and outcomes and self.on_position_change is not None:
             self.on_position_change(order.symbol)
         return SubmitResult(order=order, update=update, outcomes=tuple(outcomes))
 
@@ -423,7 +434,7 @@ class OrderManager:
                 log.info("order poll skipped", client_order_id=order.client_order_id, error=str(exc))
                 continue
             if update.state is not order.state or update.filled != order.filled:
-                await self.apply_update(order, update)
+                await self.apply_update(order, update, notify=True)
                 changed += 1
         return changed
 
