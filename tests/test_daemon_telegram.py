@@ -79,7 +79,12 @@ async def test_daemon_with_telegram_end_to_end(tmp_path: Path, fake: FakeBotApi)
             raise AssertionError("kill did not halt trading")
 
         await halted()
-        assert orch.ledger is not None and await orch.ledger.positions() == []
+        assert orch.ledger is not None
+        for _ in range(500):  # flattening runs in its own task once HALTED is persisted
+            if await orch.ledger.positions() == []:
+                break
+            await asyncio.sleep(0.02)
+        assert await orch.ledger.positions() == []
     finally:
         orch.request_stop("test over")
         await asyncio.wait_for(task, 30)
