@@ -27,7 +27,7 @@ from exchange.feeds import LiveFeed, ReplayFeed, discover_replay_files, loopback
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "data"
-SHARED = Path("/work/shared/data")
+SHARED = REPO.parent / "shared" / "data"  # CI clones beside shared/
 HAS_SHARED = SHARED.is_dir()
 HEADER = "timestamp_ms,open,high,low,close,volume"
 T0 = 1_609_459_200_000  # 2021-01-01 00:00 UTC, in ms
