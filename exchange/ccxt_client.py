@@ -28,7 +28,6 @@ endpoints when the regular ones do not know an id.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import random
@@ -45,7 +44,7 @@ import ccxt.async_support as ccxt
 import structlog
 
 from config import Settings
-from core.clock import Clock, LiveClock
+from core.clock import Clock
 from core.errors import (
     ConfigError,
     DependencyError,
@@ -349,7 +348,7 @@ class CcxtExchange:
         started = self.clock.monotonic()
         kind: str | None = None
         try:
-            return await self._bounded(call(), self._outer_timeout(requests))
+            return await self.clock.wait_for(call(), self._outer_timeout(requests))
         except TimeoutError as exc:
             err: KineticError = TemporaryError(
                 f"{endpoint}: no answer within {self._outer_timeout(requests):g}s"
@@ -378,18 +377,6 @@ class CcxtExchange:
                 self.stats.errors[(endpoint, kind)] += 1
             if self._on_request is not None:
                 self._on_request(endpoint, elapsed, kind)
-
-    async def _bounded(self, aw: Awaitable[T], timeout: float) -> T:
-        """`clock.wait_for`, minus a task per call on the live clock.
-
-        On Python 3.11 `asyncio.wait_for` (behind `LiveClock.wait_for`) wraps every call in a new task,
-        which costs an order round trip about 10% in loop hops; `asyncio.timeout` bounds the same await
-        on the same loop clock without one. Workaround until LiveClock.wait_for does this itself.
-        """
-        if type(self.clock) is LiveClock:
-            async with asyncio.timeout(timeout):
-                return await aw
-        return await self.clock.wait_for(aw, timeout)
 
     async def _read(
         self, endpoint: str, call: Callable[[], Awaitable[T]], *, weight: int | None = None, requests: int = 1
