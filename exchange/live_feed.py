@@ -123,6 +123,7 @@ class LiveFeed:
     ) -> None:
         self._clock = clock
         self._symbols = list(dict.fromkeys(symbols))
+        self._ccxt: dict[str, str] = {}
         self._timeframes = list(dict.fromkeys(timeframes))
         if not self._symbols:
             raise ValueError("a live feed needs at least one symbol")
@@ -189,7 +190,12 @@ class LiveFeed:
             raise OperationalError(
                 f"cannot reach Binance public API ({_one_line(exc)}); {OFFLINE_HINT}"
             ) from exc
-        missing = [s for s in self._symbols if s not in markets]
+        # Futures markets are `BTC/USDT:USDT` in ccxt; the engines say `BTC/USDT`. Keep our names and
+        # remember ccxt's for the requests.
+        for s in self._symbols:
+            if s not in markets and ":" not in s and f"{s}:{s.split('/')[-1]}" in markets:
+                self._ccxt[s] = f"{s}:{s.split('/')[-1]}"
+        missing = [s for s in self._symbols if self._ccxt.get(s, s) not in markets]
         if missing:
             await self._close_exchange()
             raise OperationalError(
@@ -273,13 +279,14 @@ class LiveFeed:
     async def _poll_tickers(self) -> bool:
         ex = self._exchange
         try:
+            wanted = [self._ccxt.get(s, s) for s in self._symbols]
             raw: dict[str, Any] = await self._call(
-                "fetch_tickers", lambda: ex.fetch_tickers(self._symbols)
+                "fetch_tickers", lambda: ex.fetch_tickers(wanted)
             )
             if self.market_type is MarketType.FUTURES:
                 # USD-M 24h tickers carry no bid/ask: take them from the book ticker.
                 book: dict[str, Any] = await self._call(
-                    "fetch_bids_asks", lambda: ex.fetch_bids_asks(self._symbols)
+                    "fetch_bids_asks", lambda: ex.fetch_bids_asks(wanted)
                 )
                 raw = {
                     s: {**t, "bid": book.get(s, {}).get("bid"), "ask": book.get(s, {}).get("ask")}
@@ -291,7 +298,7 @@ class LiveFeed:
         now = self._clock.now()
         changed = False
         for symbol in self._symbols:
-            ticker = self._validate_ticker(symbol, raw.get(symbol), now)
+            ticker = self._validate_ticker(symbol, raw.get(self._ccxt.get(symbol, symbol)), now)
             if ticker is not None:
                 self._tickers[symbol] = ticker
                 changed = True
@@ -323,7 +330,7 @@ class LiveFeed:
             # One extra: Binance's newest kline is the one still forming, which is dropped below.
             rows: Any = await self._call(
                 f"fetch_ohlcv {symbol} {timeframe}",
-                lambda: ex.fetch_ohlcv(symbol, timeframe, limit=self._candle_limit + 1),
+                lambda: ex.fetch_ohlcv(self._ccxt.get(symbol, symbol), timeframe, limit=self._candle_limit + 1),
             )
         except (TemporaryError, DependencyError) as exc:
             log.warning("candles skipped this round", symbol=symbol, timeframe=timeframe, error=str(exc))
