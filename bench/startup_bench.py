@@ -2,7 +2,7 @@
 
 Each run starts the daemon as a subprocess in a fresh temporary DATA_DIR with LOG_FORMAT=json and no
 .env file, reads its log lines (stderr) as they arrive, and stops the clock at the spot engine's
-"engine started" line. That line is logged by `BaseEngine.run()` right after its first
+"engine started" line. That line is logged by `BaseEngine.start()` right after its first
 `heartbeat()` and `load_state()` (one ledger read), so it trails the first beat by about a
 millisecond; the figure is therefore process start -> first heartbeat, plus that read, plus the
 pipe. Then SIGINT stops the daemon (it must exit 0).

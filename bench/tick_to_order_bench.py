@@ -356,7 +356,7 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             if journal:
                 tasks.append(asyncio.create_task(journal_writer(ledger, bus.subscribe("journal", 50_000))))
             tasks.append(asyncio.create_task(exchange.run(), name="paper"))
-            engine_task = asyncio.create_task(engine.run(), name="engine:spot")
+            engine_task = asyncio.create_task(engine.start(), name="engine:spot")
             tasks.append(engine_task)
 
             async def settled() -> None:

@@ -98,7 +98,7 @@ class BaseEngine:
             await self.ctx.orders.resolve_unknown(order)
         await self.refresh_positions()
 
-    async def run(self) -> None:
+    async def start(self) -> None:
         """The engine's task. Returns when stop() was called; raises on a fault (the supervisor decides)."""
         self._running = True
         self.heartbeat()

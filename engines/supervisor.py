@@ -94,7 +94,7 @@ class Supervisor:
     async def guard(self, name: str, engine: BaseEngine) -> None:
         """Run one engine; a raised Exception is reported to the supervisor instead of propagating."""
         try:
-            await engine.run()
+            await engine.start()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

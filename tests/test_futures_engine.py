@@ -384,7 +384,7 @@ async def test_a_loss_under_the_emergency_limit_closes_nothing(make_rig: Any) ->
 async def test_the_run_loop_monitors_every_few_seconds_and_stops_when_asked(make_rig: Any) -> None:
     rig: Rig = await make_rig(["AAA/USDT"])
     engine = rig.engine
-    task = asyncio.ensure_future(engine.run())
+    task = asyncio.ensure_future(engine.start())
     try:
         rig.feed.trend("AAA/USDT", PositionSide.LONG)
         await until(lambda: engine.counters.entries == 1)

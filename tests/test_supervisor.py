@@ -33,7 +33,7 @@ class FakeEngine:
         self.stopped = False
         self.beats: list[float] = []
 
-    async def run(self) -> None:
+    async def start(self) -> None:
         started = self.clock.now()
         while not self.stopped:
             self.health.heartbeat(self.name)
