@@ -128,3 +128,40 @@ async def test_status_reports_what_the_owner_needs(tmp_path: Path, target: str) 
         assert status.engines[0].heartbeat_age is not None and status.engines[0].heartbeat_age < 5
         assert status.equity > 0
         assert (await orch.pause(target, by="t")).ok
+
+
+@pytest.mark.parametrize(
+    ("spot", "futures", "expected"),
+    [(True, False, ["spot"]), (False, True, ["futures"]), (True, True, ["spot", "futures"])],
+)
+async def test_engines_spawn_as_the_toggles_say(tmp_path: Path, spot: bool, futures: bool,
+                                                expected: list[str]) -> None:
+    async with running(make(tmp_path, spot_enabled=spot, futures_enabled=futures)) as orch:
+        assert orch.supervisor is not None
+        assert sorted(orch.supervisor.slots) == sorted(expected)
+        tasks = {t.get_name() for t in asyncio.all_tasks()}
+        for name in ("spot", "futures"):
+            assert (f"engine:{name}" in tasks) == (name in expected)
+        status = await orch.status()
+        assert [e.name for e in status.engines] == expected
+
+
+async def test_both_engines_trade_the_replay_and_futures_exits_are_reduce_only(tmp_path: Path) -> None:
+    async with running(make(tmp_path, futures_enabled=True, global_max_daily_loss_pct=25)) as orch:
+        ledger = orch.ledger
+        assert ledger is not None
+
+        async def futures_closed_a_trade() -> bool:
+            return bool(await ledger.closed_trades("futures", limit=1))
+
+        await until(futures_closed_a_trade, timeout=40)
+        orders = {o.client_order_id: o for o in await ledger.recent_orders(10_000)}
+        closed = await ledger.closed_trades("futures", limit=1000)
+        assert closed
+        for trade in closed:
+            order = orders.get(trade.close_order_id)
+            # every exit of the futures engine is reduce-only (so it passes a tripped breaker); a
+            # liquidation would have no order row of ours
+            assert order is None or order.reduce_only, order
+        positions = await ledger.positions("futures")
+        assert all(p.leverage >= 1 for p in positions)
