@@ -129,7 +129,7 @@ def start_daemon(env: dict[str, str], *, importtime: bool = False, preimport: bo
                 if name == "engine started" and not engine_seen:
                     engine_seen = True
                     run.imported_before_engine = set(imported)
-                if name == "daemon started":
+                if "daemon started" in run.seconds and "engine started" in run.seconds:
                     break
         finally:
             if proc.poll() is None:

@@ -331,7 +331,7 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             async def late_fill(update: OrderUpdate) -> None:
                 order = await ledger.get_order(update.client_order_id)
                 if order is not None:
-                    await om.apply_update(order, update)
+                    await om.apply_update(order, update, notify=True)
 
             def on_fill(update: OrderUpdate) -> None:
                 exchange_fills.append(time.perf_counter_ns())

@@ -209,7 +209,11 @@ class SpotEngine(BaseEngine):
             return
         meta = {**position.meta, "stop_order": result.order.client_order_id}
         await self.ctx.ledger.update_position(self.ctx.name, position.symbol, meta=meta)
-        position.meta = meta
+        # trade() reloaded the positions: the engine's current copy must learn about the stop too, or a
+        # take-profit would sell coins the resting stop still holds.
+        for copy in (position, self.positions.get(position.symbol)):
+            if copy is not None:
+                copy.meta = meta
 
     async def _clear_protective_stop(self, position: Position, reason: str) -> bool:
         """Before the engine sells, the exchange's stop must be gone, or both could sell the same coins.
