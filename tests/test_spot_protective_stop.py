@@ -1,0 +1,196 @@
+"""The spot engine's exits with a protective stop resting on the (paper) exchange: a take-profit cancels the
+stop and sells exactly once; a stop-loss is left to the exchange's stop and the engine never sells the
+same coins again; a restart re-places a missing stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from config import load_settings
+from core.clock import SimClock
+from core.events import EventBus
+from core.types import CandleSeries, MarketType, OrderState, OrderType, Side, Ticker
+from engines.base import EngineContext
+from engines.spot import SpotEngine
+from exchange.markets import paper_markets
+from exchange.orders import OrderManager
+from exchange.paper import PaperExchange
+from monitoring.health import HealthMonitor
+from risk.allocator import CapitalAllocator
+from risk.gate import EngineLimits, RiskGate
+from risk.monitor import GlobalRiskMonitor, RiskLimits
+from storage.ledger import Ledger
+
+SYMBOL = "BTC/USDT"
+
+
+class ScriptedFeed:
+    """One symbol whose price the test sets."""
+
+    def __init__(self, clock: SimClock) -> None:
+        self.clock = clock
+        self._ticker: Ticker | None = None
+        self.version = 0
+        self.symbols = [SYMBOL]
+        self.finished = False
+
+    def set_price(self, price: str) -> None:
+        p = Decimal(price)
+        self._ticker = Ticker(SYMBOL, bid=p, ask=p, last=p, ts=self.clock.now())
+        self.version += 1
+
+    def ticker(self, symbol: str) -> Ticker | None:
+        return self._ticker if symbol == SYMBOL else None
+
+    def candles(self, symbol: str, timeframe: str, limit: int = 500) -> CandleSeries | None:
+        closes = np.full(60, float(self._ticker.last if self._ticker else 100))
+        ts = np.arange(60, dtype=np.float64) * 300
+        return CandleSeries(symbol, timeframe, ts, closes, closes, closes, closes, np.ones(60), self.clock.now())
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def wait_update(self, after: int, timeout: float) -> int:
+        await asyncio.sleep(0)
+        return self.version
+
+
+@dataclass
+class Rig:
+    engine: SpotEngine
+    ctx: EngineContext
+    exchange: PaperExchange
+    feed: ScriptedFeed
+    ledger: Ledger
+    sells: list[OrderType]
+    late: set[asyncio.Task[None]]
+
+    async def settle(self) -> None:
+        """Let the exchange work resting orders at the current price and record late fills."""
+        self.exchange.process_prices()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if self.late:
+            await asyncio.wait(set(self.late))
+
+    async def step(self) -> None:
+        # what BaseEngine.start does around each step
+        if self.engine._seen_changes != self.ctx.position_changes:
+            self.engine._seen_changes = self.ctx.position_changes
+            await self.engine.refresh_positions()
+        await self.engine.step()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    clock = SimClock()
+    settings = load_settings(env_file=None, data_dir=tmp_path)
+    feed = ScriptedFeed(clock)
+    feed.set_price("100")
+    ledger = await Ledger.open(tmp_path / "ledger.sqlite3", clock)
+    exchange = PaperExchange(MarketType.SPOT, feed, clock, paper_markets([SYMBOL]),  # type: ignore[arg-type]
+                             {"USDT": Decimal(10_000)}, taker_fee_pct=Decimal("0.1"),
+                             maker_fee_pct=Decimal("0.1"), slippage_bps=Decimal(0))
+    await exchange.load_markets()
+    sells: list[OrderType] = []
+    original = exchange.create_order
+
+    async def recording(request):  # type: ignore[no-untyped-def]
+        if request.side is Side.SELL:
+            sells.append(request.order_type)
+        return await original(request)
+
+    exchange.create_order = recording  # type: ignore[method-assign]
+    bus = EventBus()
+    allocator = CapitalAllocator({"spot": 100.0}, ["spot"])
+    monitor = GlobalRiskMonitor(RiskLimits.from_settings(settings))
+    monitor.update(clock.now(), {"spot": Decimal(10_000)})
+    gate = RiskGate(monitor, allocator, {"spot": EngineLimits(max_positions=3)})
+    health = HealthMonitor(clock, 60, 300)
+    health.register("spot")
+    orders = OrderManager("spot", exchange, ledger, bus, clock)
+    ctx = EngineContext(name="spot", settings=settings, clock=clock, bus=bus, ledger=ledger,
+                        exchange=exchange, feed=feed, gate=gate, allocator=allocator,  # type: ignore[arg-type]
+                        health=health, orders=orders, equity=lambda: Decimal(10_000))
+    orders.on_position_change = ctx.note_position_change
+    late: set[asyncio.Task[None]] = set()
+
+    async def late_fill(update):  # type: ignore[no-untyped-def]
+        order = await ledger.get_order(update.client_order_id)
+        assert order is not None
+        await orders.apply_update(order, update, notify=True)
+
+    def on_fill(update):  # type: ignore[no-untyped-def]
+        task = asyncio.ensure_future(late_fill(update))
+        late.add(task)
+        task.add_done_callback(late.discard)
+
+    exchange.on_fill = on_fill
+    engine = SpotEngine(ctx)
+    engine.symbols = [SYMBOL]
+    await engine.load_state()
+    try:
+        yield Rig(engine, ctx, exchange, feed, ledger, sells, late)
+    finally:
+        await ledger.close()
+
+
+async def enter(rig: Rig) -> None:
+    ticker = rig.feed.ticker(SYMBOL)
+    assert ticker is not None
+    await rig.engine.enter(SYMBOL, ticker, "test entry")
+    position = rig.engine.positions[SYMBOL]
+    stop_id = position.meta.get("stop_order")
+    assert stop_id, "the engine's own copy of the position knows its protective stop"
+    stop = await rig.ledger.get_order(stop_id)
+    assert stop is not None and stop.state is OrderState.OPEN and stop.order_type is OrderType.STOP_MARKET
+    assert stop.stop_price == position.stop_loss and stop.amount == position.amount
+
+
+async def test_take_profit_cancels_the_stop_then_sells_once(rig: Rig) -> None:
+    await enter(rig)
+    stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    rig.feed.set_price("103")  # above the 2% take-profit
+    await rig.settle()
+    await rig.step()
+    await rig.settle()
+    assert await rig.ledger.positions("spot") == []
+    assert (await rig.ledger.get_order(stop_id)).state is OrderState.CANCELED  # type: ignore[union-attr]
+    assert rig.sells == [OrderType.STOP_MARKET, OrderType.MARKET], "one protective stop, one market sell"
+    assert not [o for o in await rig.ledger.recent_orders(20) if o.state is OrderState.REJECTED]
+
+
+async def test_stop_loss_is_the_exchanges_and_the_engine_never_sells_again(rig: Rig) -> None:
+    await enter(rig)
+    rig.feed.set_price("97")  # below the 1.5% stop
+    await rig.settle()  # the exchange's stop fires and its fill is recorded
+    for _ in range(3):
+        await rig.step()
+        await rig.settle()
+    assert await rig.ledger.positions("spot") == []
+    assert rig.sells == [OrderType.STOP_MARKET], "no market sell on top of the exchange's stop"
+    assert not [o for o in await rig.ledger.recent_orders(20) if o.state is OrderState.REJECTED]
+
+
+async def test_a_restarted_engine_replaces_a_missing_stop(rig: Rig) -> None:
+    await enter(rig)
+    stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    stop = await rig.ledger.get_order(stop_id)
+    assert stop is not None
+    await rig.ctx.orders.cancel(stop)  # e.g. cancelled by hand on the exchange while we were down
+    fresh = SpotEngine(rig.ctx)
+    fresh.symbols = [SYMBOL]
+    await fresh.load_state()
+    new_id = fresh.positions[SYMBOL].meta.get("stop_order")
+    assert new_id and new_id != stop_id
+    assert (await rig.ledger.get_order(new_id)).state is OrderState.OPEN  # type: ignore[union-attr]
