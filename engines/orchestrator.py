@@ -82,6 +82,7 @@ FUTURES_TIMEFRAMES = ["15m", "1h", "4h"]
 FUNDING_KIND = "FundingPaid"
 MARKET_OF = {"spot": MarketType.SPOT, "futures": MarketType.FUTURES}
 RISK_KEY = "risk"
+STATUS_LOG_SECONDS = 60.0  # how often the engines' status and the portfolio are logged
 PAUSE_KEY = "pause"
 
 
@@ -169,6 +170,7 @@ class Orchestrator:
         self._risk_dirty = False
         self._crashed = False
         self._books_complete = False
+        self._next_report = clock.monotonic() + STATUS_LOG_SECONDS
         self._flatten_task: asyncio.Task[Any] | None = None
         self._flatten_wanted: tuple[bool, str] = (False, "")
         self._lock_file: Any = None
@@ -505,6 +507,10 @@ class Orchestrator:
             await self._update_risk()
             await self._persist_progress()
             self.ops.tick(await self.status())
+            if self.clock.monotonic() >= self._next_report:
+                self._next_report = self.clock.monotonic() + STATUS_LOG_SECONDS
+                self._log_engine_status()
+                self._report_portfolio(final=False)
             due = sup.next_restart_due()
             wait = interval if due is None else max(0.0, min(interval, due - self.clock.now()))
             sup.wake.clear()
@@ -739,6 +745,15 @@ class Orchestrator:
         if self._lock_file is not None:
             self._lock_file.close()
         log.info("stopped")
+
+    def _log_engine_status(self) -> None:
+        for name, slot in self._supervisor().slots.items():
+            engine = slot.engine
+            detail = engine.get_status() if engine is not None else {}
+            log.info("engine status", engine=name, state=slot.state.value, heartbeat_age=self.health.age(name),
+                     restarts=self.policy.restarts(name), paused=self._gate().is_paused(name),
+                     **{k: v for k, v in detail.items() if k in ("positions", "steps", "entries", "exits",
+                                                                  "denied", "rejected", "stale_symbols")})
 
     def _report_portfolio(self, *, final: bool) -> None:
         realized = sum((b.realized for b in self.books.values()), ZERO)
