@@ -81,7 +81,7 @@ class HealthyEngine:
         self.name, self.clock, self.health, self.record = name, clock, health, record
         self._stopping = False
 
-    async def run(self) -> None:
+    async def start(self) -> None:
         while not self._stopping:
             self.health.heartbeat(self.name)
             self.record.healthy_ticks.append(time.perf_counter_ns())
@@ -98,7 +98,7 @@ class StallingEngine:
         self.name, self.clock, self.health, self.record = name, clock, health, record
         self.beat_for = beat_for
 
-    async def run(self) -> None:
+    async def start(self) -> None:
         first = time.perf_counter_ns()
         if self.record.stalls and self.record.stalls[-1].new_first_beat == 0:
             self.record.stalls[-1].new_first_beat = first
@@ -165,10 +165,10 @@ async def one_run(args: argparse.Namespace) -> Record:
     sup = Supervisor(clock, bus, health, policy, stop_timeout=args.stop_timeout, spawn=spawn)
     restart_now = sup.restart_now
 
-    async def timed_restart_now(name: str, reason: str) -> None:
+    async def timed_restart_now(name: str, reason: str, *, graceful: bool = True) -> None:
         if name == "staller" and record.stalls and record.stalls[-1].decided == 0:
             record.stalls[-1].decided = time.perf_counter_ns()
-        await restart_now(name, reason)
+        await restart_now(name, reason, graceful=graceful)
 
     sup.restart_now = timed_restart_now  # type: ignore[method-assign]
     sup.add("healthy", make_healthy)
