@@ -20,6 +20,7 @@ from config import Settings
 from core.clock import Clock
 from core.events import DataStale, EventBus, OrderDenied
 from core.types import ZERO, CandleSeries, OrderIntent, OrderState, Position, Ticker
+from engines.trade_metrics import MetricsReport, load_report, report
 from exchange.base import Exchange, MarketFeed, quantize_down
 from exchange.orders import OrderManager, SubmitResult
 from monitoring.health import HealthMonitor
@@ -81,6 +82,7 @@ class BaseEngine:
         self._feed_version = 0
         self._stale: set[str] = set()
         self._seen_changes = -1
+        self.metrics: MetricsReport = report([])
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -97,6 +99,7 @@ class BaseEngine:
         for order in unsettled:
             await self.ctx.orders.resolve_unknown(order)
         await self.refresh_positions()
+        await self.refresh_metrics()
 
     async def start(self) -> None:
         """The engine's task. Returns when stop() was called; raises on a fault (the supervisor decides)."""
@@ -134,8 +137,17 @@ class BaseEngine:
     # --- state -----------------------------------------------------------------------------------
     async def refresh_positions(self) -> None:
         rows = await self.ctx.ledger.positions(self.ctx.name)
+        closed = set(self.positions) - {p.symbol for p in rows}
         self.positions = {p.symbol: p for p in rows}
         self.ctx.allocator.set_exposure(self.ctx.name, sum((p.notional() for p in rows), ZERO))
+        if closed:
+            await self.refresh_metrics()
+
+    async def refresh_metrics(self) -> None:
+        """Trades, win rate, profit factor, average P&L and largest loss, per engine and per symbol, from
+        the ledger's closed trades; kept in the ledger too (`metrics:<engine>`) for whoever reads it."""
+        self.metrics = await load_report(self.ctx.ledger, self.ctx.name)
+        await self.ctx.ledger.set_state(f"metrics:{self.ctx.name}", self.metrics.as_dict())
 
     def get_status(self) -> dict[str, Any]:
         return {
@@ -150,6 +162,7 @@ class BaseEngine:
             "denied": self.counters.denied,
             "rejected": self.counters.rejected,
             "last_step_at": self.counters.last_step_at,
+            "metrics": self.metrics.as_dict(),
         }
 
     # --- data freshness --------------------------------------------------------------------------

@@ -88,7 +88,6 @@ from engines.futures_risk import (
     target_towards_entry,
 )
 from engines.scanner import Scanner, ScanParams, ScanResult, TickerSource
-from engines.trade_metrics import MetricsReport, load_report, report
 from exchange.base import quantize_down
 
 META_STOP_DISTANCE = "stop_distance_pct"
@@ -197,7 +196,6 @@ class FuturesEngine(BaseEngine):
         self.baseline: DayBaseline | None = None
         self.day_pnl = ZERO
         self.emergency_day: str | None = None
-        self.metrics: MetricsReport = report([])
         self.last_signals: tuple[Signal, ...] = ()
         self._last_scan_at = -math.inf
         # The 15m bar of each symbol's last entry: the same bar's signal never enters twice, so a
@@ -254,9 +252,6 @@ class FuturesEngine(BaseEngine):
         if saved and saved.get("emergency") and self.baseline is not None:
             self.emergency_day = self.baseline.day
         await self.refresh_metrics()
-
-    async def refresh_metrics(self) -> None:
-        self.metrics = await load_report(self.ctx.ledger, self.ctx.name)
 
     @property
     def _day_key(self) -> str:

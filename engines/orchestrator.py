@@ -506,6 +506,7 @@ class Orchestrator:
             await self._refresh_books()
             await self._update_risk()
             await self._persist_progress()
+            self.ops.metrics.set_orders_by_state(await self._ledger().order_counts_by_state())
             self.ops.tick(await self.status())
             if self.clock.monotonic() >= self._next_report:
                 self._next_report = self.clock.monotonic() + STATUS_LOG_SECONDS

@@ -168,6 +168,10 @@ async def test_take_profit_cancels_the_stop_then_sells_once(rig: Rig) -> None:
     assert (await rig.ledger.get_order(stop_id)).state is OrderState.CANCELED  # type: ignore[union-attr]
     assert rig.sells == [OrderType.STOP_MARKET, OrderType.MARKET], "one protective stop, one market sell"
     assert not [o for o in await rig.ledger.recent_orders(20) if o.state is OrderState.REJECTED]
+    await rig.step()  # the engine notices the close and updates its trade metrics
+    stored = await rig.ledger.get_state("metrics:spot")
+    assert stored is not None and stored["overall"]["trades"] == 1 and stored["overall"]["wins"] == 1
+    assert rig.engine.get_status()["metrics"]["by_symbol"][SYMBOL]["trades"] == 1
 
 
 async def test_stop_loss_is_the_exchanges_and_the_engine_never_sells_again(rig: Rig) -> None:
