@@ -28,6 +28,8 @@ from risk.allocator import CapitalAllocator
 from risk.gate import RiskGate
 from storage.ledger import Ledger
 
+METRICS_EVERY = 10.0  # seconds between trade-metrics refreshes after positions closed
+
 
 @dataclass
 class EngineContext:
@@ -83,6 +85,8 @@ class BaseEngine:
         self._stale: set[str] = set()
         self._seen_changes = -1
         self.metrics: MetricsReport = report([])
+        self._metrics_stale = False
+        self._metrics_due = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -119,6 +123,12 @@ class BaseEngine:
                     await self.refresh_positions()
                 await self.step()
                 self.counters.steps += 1
+                if self._metrics_stale and self.clock.now() >= self._metrics_due:
+                    # After the step and at most every METRICS_EVERY seconds: reading every closed trade
+                    # must never sit between a price update and the order it triggers.
+                    self._metrics_stale = False
+                    self._metrics_due = self.clock.now() + METRICS_EVERY
+                    await self.refresh_metrics()
                 self.counters.last_step_at = self.clock.now()
         finally:
             self._running = False
@@ -141,7 +151,7 @@ class BaseEngine:
         self.positions = {p.symbol: p for p in rows}
         self.ctx.allocator.set_exposure(self.ctx.name, sum((p.notional() for p in rows), ZERO))
         if closed:
-            await self.refresh_metrics()
+            self._metrics_stale = True
 
     async def refresh_metrics(self) -> None:
         """Trades, win rate, profit factor, average P&L and largest loss, per engine and per symbol, from

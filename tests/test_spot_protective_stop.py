@@ -168,7 +168,8 @@ async def test_take_profit_cancels_the_stop_then_sells_once(rig: Rig) -> None:
     assert (await rig.ledger.get_order(stop_id)).state is OrderState.CANCELED  # type: ignore[union-attr]
     assert rig.sells == [OrderType.STOP_MARKET, OrderType.MARKET], "one protective stop, one market sell"
     assert not [o for o in await rig.ledger.recent_orders(20) if o.state is OrderState.REJECTED]
-    await rig.step()  # the engine notices the close and updates its trade metrics
+    await rig.step()  # the engine notices the close...
+    await rig.engine.refresh_metrics()  # ...and its loop refreshes the trade metrics (throttled)
     stored = await rig.ledger.get_state("metrics:spot")
     assert stored is not None and stored["overall"]["trades"] == 1 and stored["overall"]["wins"] == 1
     assert rig.engine.get_status()["metrics"]["by_symbol"][SYMBOL]["trades"] == 1
