@@ -26,6 +26,19 @@ Each step (every `futures_monitor_interval_seconds`, or sooner on new data):
 Partial take-profits are marked in the ledger position's `meta` *before* their order is sent and
 unmarked only if the order is refused, so a crash between the two can never repeat a partial: at
 worst one is skipped.
+
+Protective stops live on the exchange, so a crashed or frozen daemon leaves no position unprotected:
+after an entry fills, a reduce-only STOP_MARKET for the whole position rests at its stop-loss (its
+client order id in `meta["stop_order"]`). When the trailing stop moves or a partial take-profit shrinks
+the position, a new stop is placed *before* the old one is cancelled: for a moment both rest, which is
+safe because both are reduce-only (the exchange cuts them to the position), whereas the reverse order
+would leave a gap with no stop at all. Before the engine closes a position itself, every resting stop
+of that symbol is cancelled first; a cancel that reports the stop already filled means the exchange
+closed the position, and the engine does not sell again. A stop-loss is the exchange's: normally its
+stop has fired by the time the engine sees the price through the level, and the cancel reports that
+fill; only a stop that has not fired (the exchange triggers on its last price, the engine looks at the
+bid or ask; or the stop was refused) is cancelled and the position closed by the engine, so either way
+it is closed exactly once. A restart re-places every missing stop.
 """
 
 from __future__ import annotations
@@ -45,7 +58,9 @@ from core.types import (
     CandleSeries,
     MarketInfo,
     MarketType,
+    Order,
     OrderIntent,
+    OrderState,
     OrderType,
     Position,
     PositionSide,
@@ -92,6 +107,15 @@ from exchange.base import quantize_down
 
 META_STOP_DISTANCE = "stop_distance_pct"
 DAY_STATE_KEY = "futures_day:{engine}"
+META_STOP_ORDER = "stop_order"
+# A trailing stop is moved on the exchange only once the level moved by at least this fraction of the
+# resting stop's price (0.1%): a tick storm must not turn into a replace per tick, and a 0.1% lag
+# costs less than the exchange's request-weight budget is worth. An amount change always re-places.
+STOP_REPLACE_MIN_FRACTION = Decimal("0.001")
+# After a stop is refused (below the minimum, would trigger at once, exchange down) the engine retries
+# this much later, and meanwhile stops the position out itself.
+STOP_RETRY_SECONDS = 60.0
+_LIVE = (OrderState.OPEN, OrderState.PARTIALLY_FILLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +228,9 @@ class FuturesEngine(BaseEngine):
         self._bar_marker: float | None = None
         self._realized: Decimal | None = None
         self._fingerprint: tuple[tuple[str, PositionSide, Decimal, Decimal], ...] = ()
-        for key in ("blocked", "partials", "skipped_small", "emergency_closes"):
+        # When a refused protective stop may be tried again, per symbol (see STOP_RETRY_SECONDS).
+        self._stop_retry_at: dict[str, float] = {}
+        for key in ("blocked", "partials", "skipped_small", "emergency_closes", "stop_replacements"):
             self.counters.extra[key] = 0
 
     @property
@@ -238,8 +264,9 @@ class FuturesEngine(BaseEngine):
             self._fingerprint = fingerprint
 
     async def load_state(self) -> None:
-        """Positions, their exit levels (restored at the widest allowed stop if a crash lost them), the
-        day's baseline and the trade metrics."""
+        """Positions, their exit levels (restored at the widest allowed stop if a crash lost them), a
+        protective stop on the exchange for each that has none live, the day's baseline and the trade
+        metrics."""
         await super().load_state()
         for position in list(self.positions.values()):
             if position.stop_loss is None or position.take_profit is None:
@@ -247,6 +274,10 @@ class FuturesEngine(BaseEngine):
                 await self._set_exit_levels(position, distance)
                 self.log.warning("exit levels restored", symbol=position.symbol,
                                  stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+        for symbol in list(self.positions):
+            current = self.positions.get(symbol)
+            if current is not None:
+                await self.protect(current)
         saved = await self.ctx.ledger.get_state(self._day_key)
         self.baseline = DayBaseline.from_dict(saved) if saved else None
         if saved and saved.get("emergency") and self.baseline is not None:
@@ -349,6 +380,11 @@ class FuturesEngine(BaseEngine):
             if current is None:
                 return
             await self.take_partial(current, take.rule.label, take.amount, decision.pnl_pct)
+        # The trailing level may have moved, a partial may have shrunk the position, or an earlier stop
+        # was refused: bring the exchange's stop in line (throttled, new before old).
+        current = self.positions.get(position.symbol)
+        if current is not None:
+            await self.protect(current)
 
     async def take_partial(self, position: Position, label: str, amount: Decimal, move: Decimal) -> None:
         """Mark, send, and unmark only if nothing was filled (see the module docstring)."""
@@ -373,11 +409,23 @@ class FuturesEngine(BaseEngine):
                                                      back.best_price, back.trailing_stop).to_meta(current.meta))
 
     async def close(self, position: Position, reason: str) -> bool:
-        market = self.ctx.exchange.market(position.symbol)
-        amount = quantize_down(position.amount, market.amount_step)
+        """Close the whole position with a reduce-only market order, after the exchange's stops are
+        gone (see the module doc). If the close does not go through, the stop is put back."""
+        if not await self._clear_protective_stops(position):
+            return False
+        current = self.positions.get(position.symbol)
+        if current is None:
+            return False
+        market = self.ctx.exchange.market(current.symbol)
+        amount = quantize_down(current.amount, market.amount_step)
         if amount <= 0:
             return False
-        return await self._exit_order(position, amount, reason) > 0
+        if await self._exit_order(current, amount, reason) > 0:
+            return True
+        left = self.positions.get(current.symbol)
+        if left is not None:
+            await self.protect(left)
+        return False
 
     async def _exit_order(self, position: Position, amount: Decimal, reason: str) -> Decimal:
         intent = OrderIntent(
@@ -536,6 +584,7 @@ class FuturesEngine(BaseEngine):
                       price=str(position.entry_price), leverage=leverage, margin=str(sizing.margin),
                       confidence=signal.confidence, stop_loss=str(position.stop_loss),
                       take_profit=str(position.take_profit))
+        await self.protect(position)
         return True
 
     async def _set_up_symbol(self, symbol: str, leverage: int) -> bool:
@@ -573,6 +622,126 @@ class FuturesEngine(BaseEngine):
                                                  take_profit=target, meta=meta):
             position.stop_loss, position.take_profit, position.meta = stop, target, meta
 
+    # --- protective stops on the exchange ----------------------------------------------------------
+    def protective_level(self, position: Position) -> Decimal | None:
+        """Where the exchange's stop belongs: the tighter of the stop-loss and the trailing stop, rounded
+        to the price step towards the entry (rounding never widens the risk)."""
+        levels = [x for x in (position.stop_loss, ExitState.from_meta(position.meta, position.amount).trailing_stop)
+                  if x is not None]
+        if not levels:
+            return None
+        level = max(levels) if position.side is PositionSide.LONG else min(levels)
+        return stop_towards_entry(level, position.side, self.ctx.exchange.market(position.symbol).price_step)
+
+    async def _resting_stops(self, symbol: str) -> list[Order]:
+        """Every stop of this engine the ledger holds live for the symbol: the recorded one and any an
+        interrupted replacement left behind."""
+        orders = await self.ctx.ledger.orders_in_states(_LIVE, engine=self.ctx.name)
+        return [o for o in orders
+                if o.symbol == symbol and o.order_type is OrderType.STOP_MARKET and o.reduce_only]
+
+    async def _live_stop(self, position: Position) -> Order | None:
+        cid = position.meta.get(META_STOP_ORDER)
+        if not cid:
+            return None
+        order = await self.ctx.ledger.get_order(cid)
+        if order is None or order.state not in _LIVE:
+            return None
+        return order
+
+    async def protect(self, position: Position) -> None:
+        """Make the exchange's stop match the position: placed when missing, re-placed when the trailing
+        level moved by at least STOP_REPLACE_MIN_FRACTION or the amount changed. The new stop is placed
+        first and the old one cancelled after, so the position is never without a stop; if the new one
+        is refused the old one stays."""
+        level = self.protective_level(position)
+        if level is None or level <= 0:
+            return
+        market = self.ctx.exchange.market(position.symbol)
+        amount = quantize_down(position.amount, market.amount_step)
+        if amount <= 0:
+            return
+        old = await self._live_stop(position)
+        if old is not None and old.amount == amount and old.stop_price is not None and old.stop_price > 0:
+            moved = abs(level - old.stop_price) / old.stop_price
+            if moved < STOP_REPLACE_MIN_FRACTION:
+                return
+        if self.clock.now() < self._stop_retry_at.get(position.symbol, -math.inf):
+            return
+        intent = OrderIntent(
+            engine=self.ctx.name, market=MarketType.FUTURES, symbol=position.symbol,
+            side=position.side.exit_side, amount=amount, order_type=OrderType.STOP_MARKET, stop_price=level,
+            reduce_only=True, reason="protective stop",
+        )
+        result = await self.trade(intent)
+        if result is None or result.order.state not in _LIVE:
+            self._stop_retry_at[position.symbol] = self.clock.now() + STOP_RETRY_SECONDS
+            self.log.warning("protective stop not placed; the engine stops the position out itself",
+                             symbol=position.symbol, stop_price=str(level), amount=str(amount),
+                             kept=None if old is None else old.client_order_id,
+                             error=None if result is None else result.error)
+            return
+        self._stop_retry_at.pop(position.symbol, None)
+        new_id = result.order.client_order_id
+        # trade() reloaded the positions: the fresh copy carries the meta saved so far (partials,
+        # trailing); only the stop's id is added to it.
+        current = self.positions.get(position.symbol)
+        if current is None:  # closed while the stop was being placed: nothing left to protect
+            await self._cancel_stops(position.symbol, keep=None)
+            return
+        meta = {**current.meta, META_STOP_ORDER: new_id}
+        if await self.ctx.ledger.update_position(self.ctx.name, position.symbol, meta=meta):
+            for copy in (position, current):
+                copy.meta = dict(meta)
+        if old is not None:
+            self.counters.extra["stop_replacements"] += 1
+        self.log.info("protective stop placed", symbol=position.symbol, stop_price=str(level),
+                      amount=str(amount), client_order_id=new_id,
+                      replaces=None if old is None else old.client_order_id)
+        await self._cancel_stops(position.symbol, keep=new_id)
+
+    async def _cancel_stops(self, symbol: str, keep: str | None) -> tuple[bool, bool]:
+        """Cancel every resting stop of the symbol but `keep`. Returns (all gone, any filled): a stop
+        that could not be cancelled (the exchange did not answer) is still there; one that filled
+        changed the position."""
+        all_gone, filled = True, False
+        for order in await self._resting_stops(symbol):
+            if order.client_order_id == keep:
+                continue
+            try:
+                async with self.ctx.trade_lock:
+                    result = await self.ctx.orders.cancel(order)
+            except (TimeoutError, TemporaryError, DependencyError) as exc:
+                all_gone = False
+                self.log.warning("protective stop not cancelled: will retry", symbol=symbol,
+                                 client_order_id=order.client_order_id, error=str(exc) or type(exc).__name__)
+                continue
+            state = result.order.state
+            if result.order.filled > 0:
+                filled = True
+            if state in _LIVE or state in (OrderState.PENDING, OrderState.UNKNOWN):
+                all_gone = False
+            self.log.info("protective stop cancelled" if state is OrderState.CANCELED else
+                          "protective stop not cancelled", symbol=symbol,
+                          client_order_id=order.client_order_id, state=str(state), filled=str(result.order.filled))
+        return all_gone, filled
+
+    async def _clear_protective_stops(self, position: Position) -> bool:
+        """Before the engine closes a position, the exchange's stops must be gone, or both could close
+        it. True when the engine may send its order now; False when a stop could not be cancelled (retry
+        at the next step) or already filled (the exchange closed it: positions are reloaded, nothing is
+        sent again)."""
+        all_gone, filled = await self._cancel_stops(position.symbol, keep=None)
+        if filled:
+            await self.refresh_positions()
+            self.log.info("protective stop had already filled: no engine exit", symbol=position.symbol,
+                          left=str(self.positions[position.symbol].amount)
+                          if position.symbol in self.positions else "0")
+            if position.symbol not in self.positions:
+                await self.refresh_metrics()
+            return False
+        return all_gone
+
     # --- status ------------------------------------------------------------------------------------
     def get_status(self) -> dict[str, Any]:
         status = super().get_status()
@@ -588,6 +757,7 @@ class FuturesEngine(BaseEngine):
                         for s in self.last_signals],
             "blocked": self.counters.extra["blocked"],
             "partials": self.counters.extra["partials"],
+            "stop_replacements": self.counters.extra["stop_replacements"],
             "emergency_closes": self.counters.extra["emergency_closes"],
             "metrics": self.metrics.as_dict(),
             "candle_cache": {"fetches": self.cache.stats.fetches, "hits": self.cache.stats.hits,
