@@ -7,11 +7,14 @@ fresh data and a newly closed candle (or the scan interval passing without one).
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 
+from core.errors import DependencyError, TemporaryError
 from core.types import (
     ZERO,
     MarketType,
+    Order,
     OrderIntent,
     OrderState,
     OrderType,
@@ -25,6 +28,13 @@ from engines.momentum import MomentumParams, evaluate
 from exchange.base import quantize_down, quantize_price
 
 _HUNDRED = Decimal(100)
+_LIVE = (OrderState.OPEN, OrderState.PARTIALLY_FILLED)
+# A protective stop the exchange refused is tried again after this, doubling up to the cap: a passing
+# fault (503, 429) heals within a minute, a lasting one does not make the engine hammer the exchange.
+STOP_RETRY_SECONDS = 10.0
+STOP_RETRY_MAX_SECONDS = 300.0
+# How often step() makes sure a position's stop is still live (it may have been cancelled by hand).
+STOP_CHECK_SECONDS = 5.0
 
 
 class SpotEngine(BaseEngine):
@@ -52,6 +62,9 @@ class SpotEngine(BaseEngine):
         self.scan_interval = s.spot_scan_interval_seconds
         self._last_candle_ts: dict[str, float] = {}
         self._last_scan_at: dict[str, float] = {}
+        # Per symbol: when step() next looks at the protective stop, and the backoff after a refusal.
+        self._stop_next_check: dict[str, float] = {}
+        self._stop_backoff: dict[str, float] = {}
 
     @property
     def wait_seconds(self) -> float:
@@ -59,24 +72,56 @@ class SpotEngine(BaseEngine):
 
     async def load_state(self) -> None:
         """Reload positions; one that lost its exit levels (a crash between the entry fill and saving
-        them) gets them again from its entry price, so no position is ever left without a stop."""
+        them) gets them again from its entry price, so no position is ever left without a stop. A
+        remainder too small to sell is written off first (see `write_off_dust`)."""
         await super().load_state()
         for position in list(self.positions.values()):
+            if await self.write_off_dust(position):
+                continue
             if position.stop_loss is None or position.take_profit is None:
                 await self._set_exit_levels(position)
                 self.log.warning("exit levels restored", symbol=position.symbol,
                                  stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
-            await self.protect(position)
+            await self.protect(position, force=True)
 
     async def step(self) -> None:
         for symbol in self.symbols:
             ticker = self.ctx.feed.ticker(symbol)
             position = self.positions.get(symbol)
+            if position is not None and await self.write_off_dust(position):
+                position = None
             if position is not None:
                 if ticker is not None:
                     await self.manage_exit(position, ticker)
+                # A stop refused earlier (or cancelled by hand) is put back, after the exit so that it
+                # never delays one.
+                position = self.positions.get(symbol)
+                if position is not None:
+                    await self.protect(position)
                 continue
             await self.consider_entry(symbol, ticker)
+
+    async def write_off_dust(self, position: Position) -> bool:
+        """Close, in the ledger only, a position whose amount rounds down below the market's minimum
+        order: nothing can sell it or protect it, yet it would block its symbol and count against
+        `spot_max_positions` for ever. It is what Binance's default fee leaves (a buy's fee is taken
+        from the coins bought, so the step-rounded sale leaves a fraction of a step). Its cost is
+        charged to the trade as a loss; the coins stay on the account. True when written off."""
+        market = self.ctx.exchange.market(position.symbol)
+        sellable = quantize_down(position.amount, market.amount_step)
+        if sellable > 0 and sellable >= market.min_amount:
+            return False
+        if position.side is not PositionSide.LONG:
+            return False
+        closed = await self.ctx.ledger.write_off(self.ctx.name, position.symbol,
+                                                 reason="below the market's minimum order")
+        await self.refresh_positions()
+        if closed is not None:
+            self.log.warning("position remainder written off: below the market's minimum order",
+                             symbol=position.symbol, amount=str(position.amount),
+                             min_amount=str(market.min_amount), amount_step=str(market.amount_step),
+                             realized_pnl=str(closed.realized_pnl))
+        return True
 
     # --- exits -----------------------------------------------------------------------------------
     def exit_reason(self, position: Position, price: Decimal) -> str | None:
@@ -176,64 +221,107 @@ class SpotEngine(BaseEngine):
         await self._set_exit_levels(position)
         self.log.info("entry", symbol=symbol, amount=str(result.filled), price=str(position.entry_price),
                       stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
-        await self.protect(position)
+        await self.protect(position, force=True)
 
     # --- protective stops on the exchange --------------------------------------------------------
-    async def _live_stop(self, position: Position) -> str | None:
-        cid = position.meta.get("stop_order")
-        if not cid:
-            return None
-        order = await self.ctx.ledger.get_order(cid)
-        if order is None or order.state.is_terminal:
-            return None
-        return cid
+    async def _resting_stops(self, symbol: str) -> list[Order]:
+        """This engine's stop sells the ledger holds live for the symbol."""
+        orders = await self.ctx.ledger.orders_in_states(_LIVE, engine=self.ctx.name)
+        return [o for o in orders
+                if o.symbol == symbol and o.order_type is OrderType.STOP_MARKET and o.side is Side.SELL]
 
-    async def protect(self, position: Position) -> None:
+    async def _live_stop(self, position: Position) -> Order | None:
+        """The position's stop on the exchange: the one its meta names or, failing that, a resting stop
+        of this symbol that a crash left unlinked (killed between the stop's answer and saving its id).
+        Such a stop is adopted, never doubled: a second one would be refused, since the first already
+        holds the coins."""
+        cid = position.meta.get("stop_order")
+        if cid:
+            order = await self.ctx.ledger.get_order(cid)
+            if order is not None and order.state in _LIVE:
+                return order
+        resting = await self._resting_stops(position.symbol)
+        if not resting:
+            return None
+        adopted = max(resting, key=lambda o: o.created_at)
+        await self._link_stop(position, adopted.client_order_id)
+        self.log.warning("protective stop adopted from the ledger", symbol=position.symbol,
+                         client_order_id=adopted.client_order_id, was=cid or None)
+        return adopted
+
+    async def _link_stop(self, position: Position, client_order_id: str) -> None:
+        meta = {**position.meta, "stop_order": client_order_id}
+        await self.ctx.ledger.update_position(self.ctx.name, position.symbol, meta=meta)
+        # trade() reloads the positions: the engine's current copy must learn about the stop too, or a
+        # take-profit would sell coins the resting stop still holds.
+        for copy in (position, self.positions.get(position.symbol)):
+            if copy is not None:
+                copy.meta = dict(meta)
+
+    async def protect(self, position: Position, *, force: bool = False) -> None:
         """Put the position's stop-loss on the exchange, so a crashed or frozen daemon leaves no position
-        unprotected. Without one (refused, below the minimum) the engine stops it out itself."""
-        if position.stop_loss is None or await self._live_stop(position) is not None:
+        unprotected. Without one (refused, below the minimum) the engine stops the position out itself
+        and tries again after a backoff. From `step()` the check is throttled (`force` after an entry
+        and at start-up), so an idle position costs a ledger read every few seconds, not every tick."""
+        symbol = position.symbol
+        if position.stop_loss is None:
             return
-        market = self.ctx.exchange.market(position.symbol)
+        now = self.clock.now()
+        if not force and now < self._stop_next_check.get(symbol, -math.inf):
+            return
+        if await self._live_stop(position) is not None:
+            self._stop_next_check[symbol] = now + STOP_CHECK_SECONDS
+            self._stop_backoff.pop(symbol, None)
+            return
+        market = self.ctx.exchange.market(symbol)
         amount = quantize_down(position.amount, market.amount_step)
         if amount <= 0:
             return
         intent = OrderIntent(
-            engine=self.ctx.name, market=MarketType.SPOT, symbol=position.symbol, side=Side.SELL,
+            engine=self.ctx.name, market=MarketType.SPOT, symbol=symbol, side=Side.SELL,
             amount=amount, order_type=OrderType.STOP_MARKET, stop_price=position.stop_loss,
             reduce_only=True, reason="protective stop",
         )
         result = await self.trade(intent)
-        if result is None or result.order.state not in (OrderState.OPEN, OrderState.PARTIALLY_FILLED):
-            self.log.warning("no protective stop on the exchange; the engine will stop the position out itself",
-                             symbol=position.symbol, error=None if result is None else result.error)
+        if result is None or result.order.state not in _LIVE:
+            delay = self._stop_backoff.get(symbol, STOP_RETRY_SECONDS)
+            self._stop_backoff[symbol] = min(delay * 2, STOP_RETRY_MAX_SECONDS)
+            self._stop_next_check[symbol] = self.clock.now() + delay
+            self.log.warning("no protective stop on the exchange; the engine stops the position out itself "
+                             "and tries again", symbol=symbol, retry_in_seconds=delay,
+                             error=None if result is None else result.error)
             return
-        meta = {**position.meta, "stop_order": result.order.client_order_id}
-        await self.ctx.ledger.update_position(self.ctx.name, position.symbol, meta=meta)
-        # trade() reloaded the positions: the engine's current copy must learn about the stop too, or a
-        # take-profit would sell coins the resting stop still holds.
-        for copy in (position, self.positions.get(position.symbol)):
-            if copy is not None:
-                copy.meta = meta
+        self._stop_backoff.pop(symbol, None)
+        self._stop_next_check[symbol] = self.clock.now() + STOP_CHECK_SECONDS
+        await self._link_stop(position, result.order.client_order_id)
+        self.log.info("protective stop placed", symbol=symbol, stop_price=str(position.stop_loss),
+                      amount=str(amount), client_order_id=result.order.client_order_id)
 
     async def _clear_protective_stop(self, position: Position, reason: str) -> bool:
-        """Before the engine sells, the exchange's stop must be gone, or both could sell the same coins.
-        A stop-loss is left to the exchange's own stop order; a take-profit cancels it first. Returns True
-        when the engine may sell now."""
-        cid = await self._live_stop(position)
-        if cid is None:
+        """Before the engine sells, the exchange's stops must be gone, or both could sell the same coins.
+        A stop-loss is left to the exchange's own stop order; a take-profit cancels every resting stop of
+        the symbol first. Returns True when the engine may sell now."""
+        if await self._live_stop(position) is None:
             return True
         if reason == "stop-loss":
             return False
-        order = await self.ctx.ledger.get_order(cid)
-        if order is None:
-            return True
-        async with self.ctx.trade_lock:
-            result = await self.ctx.orders.cancel(order)
-        if result.order.state is OrderState.CANCELED:
-            return True
-        await self.refresh_positions()
-        self.log.info("protective stop not cancelled", symbol=position.symbol, state=str(result.order.state))
-        return False
+        all_gone = True
+        for order in await self._resting_stops(position.symbol):
+            try:
+                async with self.ctx.trade_lock:
+                    result = await self.ctx.orders.cancel(order)
+            except (TimeoutError, TemporaryError, DependencyError) as exc:
+                all_gone = False
+                self.log.warning("protective stop not cancelled: will retry", symbol=position.symbol,
+                                 client_order_id=order.client_order_id, error=str(exc) or type(exc).__name__)
+                continue
+            if result.order.state is not OrderState.CANCELED:
+                all_gone = False
+                self.log.info("protective stop not cancelled", symbol=position.symbol,
+                              client_order_id=order.client_order_id, state=str(result.order.state))
+        if not all_gone:
+            await self.refresh_positions()
+        return all_gone
 
     async def _set_exit_levels(self, position: Position) -> None:
         market = self.ctx.exchange.market(position.symbol)

@@ -218,6 +218,31 @@ def apply_fill(
         return flipped, realized, closed
 
 
+def written_off(book: _Book, ts: float) -> ClosedTrade:
+    """The trade a long position ends as when its remainder is written off: the remainder's cost is
+    charged as a loss (it is never sold), so the round trip's P&L stays what the sales brought in
+    minus what the buys and fees cost."""
+    if book.side is not PositionSide.LONG:
+        raise InvariantError(f"{book.engine} {book.symbol}: only a long remainder can be written off")
+    with localcontext(_MONEY):
+        sold = book.exit_amount > 0
+        return ClosedTrade(
+            engine=book.engine,
+            market=book.market,
+            symbol=book.symbol,
+            side=book.side,
+            amount=book.exit_amount if sold else book.entry_amount,
+            entry_price=book.entry_value / book.entry_amount,
+            exit_price=book.exit_value / book.exit_amount if sold else ZERO,
+            realized_pnl=book.realized - book.cost - book.fees,
+            fees=book.fees,
+            opened_at=book.opened_at,
+            closed_at=ts,
+            leverage=book.leverage,
+            close_order_id="",
+        )
+
+
 def _opened(fill: Fill, side: PositionSide, qty: Decimal, fee: Decimal, leverage: int) -> _Book:
     value = qty * fill.price
     return _Book(
@@ -579,15 +604,7 @@ class Ledger:
         book = self._load_book(conn, fill.engine, fill.symbol)
         after, realized, closed = apply_fill(book, fill, qty, fee, leverage)
         if closed is not None:
-            conn.execute(
-                "INSERT INTO closed_trades (engine, market, symbol, side, amount, entry_price, exit_price,"
-                " realized_pnl, fees, leverage, opened_at, closed_at, close_order_id)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (closed.engine, str(closed.market), closed.symbol, str(closed.side), str(closed.amount),
-                 str(closed.entry_price), str(closed.exit_price), str(closed.realized_pnl),
-                 str(closed.fees), closed.leverage, closed.opened_at, closed.closed_at,
-                 closed.close_order_id),
-            )
+            self._insert_closed(conn, closed)
         if after is None:
             conn.execute("DELETE FROM positions WHERE engine = ? AND symbol = ?", (fill.engine, fill.symbol))
         else:
@@ -601,6 +618,41 @@ class Ledger:
         )
         self._order_progress(conn, fill.client_order_id, now)
         return FillResult(True, None if after is None else after.position(), realized, closed)
+
+    async def write_off(self, engine: str, symbol: str, *, reason: str) -> ClosedTrade | None:
+        """Close a long position the engine can no longer sell (a remainder below the market's minimum
+        order, typically what a buy's fee taken in the base asset leaves after the sale). Left open it
+        would block its symbol and count as a position for ever. The coins stay on the account; the
+        journal entry (`PositionWrittenOff`) keeps amount and cost for the owner's own books. Returns the
+        closed trade, or None when there was no such position."""
+        now = self.clock.now()
+
+        def work(conn: sqlite3.Connection) -> ClosedTrade | None:
+            book = self._load_book(conn, engine, symbol)
+            if book is None:
+                return None
+            closed = written_off(book, now)
+            self._insert_closed(conn, closed)
+            conn.execute("DELETE FROM positions WHERE engine = ? AND symbol = ?", (engine, symbol))
+            payload = {"engine": engine, "symbol": symbol, "amount": str(book.amount), "cost": str(book.cost),
+                       "realized_pnl": str(closed.realized_pnl), "reason": reason}
+            conn.execute("INSERT INTO journal (ts, kind, payload) VALUES (?, ?, ?)",
+                         (now, "PositionWrittenOff", json.dumps(payload)))
+            return closed
+
+        return await self._run(work)
+
+    @staticmethod
+    def _insert_closed(conn: sqlite3.Connection, closed: ClosedTrade) -> None:
+        conn.execute(
+            "INSERT INTO closed_trades (engine, market, symbol, side, amount, entry_price, exit_price,"
+            " realized_pnl, fees, leverage, opened_at, closed_at, close_order_id)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (closed.engine, str(closed.market), closed.symbol, str(closed.side), str(closed.amount),
+             str(closed.entry_price), str(closed.exit_price), str(closed.realized_pnl),
+             str(closed.fees), closed.leverage, closed.opened_at, closed.closed_at,
+             closed.close_order_id),
+        )
 
     @staticmethod
     def _load_book(conn: sqlite3.Connection, engine: str, symbol: str) -> _Book | None:
@@ -748,7 +800,7 @@ class Ledger:
     async def realized_pnl(self, engine: str | None = None) -> Decimal:
         """All time: closed trades net of their fees, plus what partial reductions of still-open
         positions realized (their fees are charged when they close). Equals the sum of every
-        FillResult.realized_pnl."""
+        FillResult.realized_pnl, less the cost and fees that write-offs charged."""
         where = " WHERE engine = ?" if engine is not None else ""
         args = (engine,) if engine is not None else ()
 

@@ -65,24 +65,7 @@ class KnownBug(AssertionError):
 
 # Scenario -> (marker of its symptom among the problems, the bug). Delete an entry once it is fixed:
 # the strict xfail turns the fix into a failure until then.
-KNOWN_BUGS: dict[str, tuple[tuple[str, ...], str]] = {
-    "stop_order_503": (
-        ("unprotected:",),
-        "a protective stop refused once (503, 429, ...) is never placed again while the daemon runs: "
-        "SpotEngine.protect() only runs after an entry and in load_state()",
-    ),
-    "stop_answer_lost": (
-        ("unlinked_stops:", "refused by the exchange"),
-        "a kill between the stop's send and update_position(meta=stop_order) in SpotEngine.protect() leaves "
-        "the open stop unlinked: the restart sends a second stop and take-profit sells that the locked "
-        "coins cannot cover (refused for insufficient funds on every step)",
-    ),
-    "round_trip_dust": (
-        ("dust_positions:",),
-        "with the buy's fee taken in the base asset, selling the step-rounded position leaves a sub-step "
-        "remainder that the ledger keeps as an open position: the engine never trades that symbol again",
-    ),
-}
+KNOWN_BUGS: dict[str, tuple[tuple[str, ...], str]] = {}
 SCENARIOS = [c.name for c in fault_cases(5.0)] + ["stop_answer_lost", "round_trip_dust"]
 
 

@@ -15,8 +15,10 @@ import pytest
 
 from config import load_settings
 from core.clock import SimClock
+from core.errors import DependencyError
 from core.events import EventBus
-from core.types import CandleSeries, MarketType, OrderState, OrderType, Side, Ticker
+from core.types import CandleSeries, Fill, MarketType, OrderState, OrderType, Side, Ticker
+from engines import spot as spot_module
 from engines.base import EngineContext
 from engines.spot import SpotEngine
 from exchange.markets import paper_markets
@@ -199,3 +201,120 @@ async def test_a_restarted_engine_replaces_a_missing_stop(rig: Rig) -> None:
     new_id = fresh.positions[SYMBOL].meta.get("stop_order")
     assert new_id and new_id != stop_id
     assert (await rig.ledger.get_order(new_id)).state is OrderState.OPEN  # type: ignore[union-attr]
+
+
+# --- recovery: an unlinked stop, a refused stop, a remainder too small to sell ---------------------
+
+
+async def test_a_stop_left_unlinked_by_a_crash_is_adopted_not_doubled(rig: Rig) -> None:
+    """A kill between the stop's answer and saving its id leaves the stop open on the exchange and the
+    position without a link. The restarted engine must adopt it (a second stop would be refused: the
+    first holds the coins) and a take-profit must cancel it before selling."""
+    await enter(rig)
+    stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    assert await rig.ledger.update_position("spot", SYMBOL, meta={})  # the link never got saved
+    fresh = SpotEngine(rig.ctx)
+    fresh.symbols = [SYMBOL]
+    await fresh.load_state()
+    assert fresh.positions[SYMBOL].meta.get("stop_order") == stop_id
+    assert (await rig.ledger.positions("spot"))[0].meta.get("stop_order") == stop_id, "the link is saved"
+    assert rig.sells == [OrderType.STOP_MARKET], "no second stop was sent"
+    rig.engine = fresh
+    rig.feed.set_price("103")
+    await rig.settle()
+    await rig.step()
+    await rig.settle()
+    assert await rig.ledger.positions("spot") == []
+    assert (await rig.ledger.get_order(stop_id)).state is OrderState.CANCELED  # type: ignore[union-attr]
+    assert rig.sells == [OrderType.STOP_MARKET, OrderType.MARKET]
+    assert not [o for o in await rig.ledger.recent_orders(20) if o.state is OrderState.REJECTED]
+
+
+async def test_a_refused_stop_is_placed_again_with_backoff_while_running(rig: Rig) -> None:
+    refusals = 2
+    original = rig.exchange.create_order
+
+    async def flaky(request):  # type: ignore[no-untyped-def]
+        nonlocal refusals
+        if request.order_type is OrderType.STOP_MARKET and refusals > 0:
+            refusals -= 1
+            raise DependencyError("exchange refused the stop (test)")
+        return await original(request)
+
+    rig.exchange.create_order = flaky  # type: ignore[method-assign]
+    ticker = rig.feed.ticker(SYMBOL)
+    assert ticker is not None
+    await rig.engine.enter(SYMBOL, ticker, "test entry")
+    assert not rig.engine.positions[SYMBOL].meta.get("stop_order")
+    clock = rig.ctx.clock
+    assert isinstance(clock, SimClock)
+    await rig.step()
+    assert refusals == 1, "not retried before the backoff has passed"
+    clock.set(clock.now() + spot_module.STOP_RETRY_SECONDS)
+    await rig.step()
+    assert refusals == 0, "retried once the backoff passed, refused again"
+    assert not rig.engine.positions[SYMBOL].meta.get("stop_order")
+    clock.set(clock.now() + spot_module.STOP_RETRY_SECONDS)
+    await rig.step()
+    assert not rig.engine.positions[SYMBOL].meta.get("stop_order"), "the backoff doubled after a second refusal"
+    clock.set(clock.now() + spot_module.STOP_RETRY_SECONDS)
+    await rig.step()
+    stop_id = rig.engine.positions[SYMBOL].meta.get("stop_order")
+    assert stop_id, "placed at last"
+    stop = await rig.ledger.get_order(stop_id)
+    assert stop is not None and stop.state is OrderState.OPEN and stop.amount == rig.engine.positions[SYMBOL].amount
+    for _ in range(3):
+        clock.set(clock.now() + 60)
+        await rig.step()
+    stops = [o for o in await rig.ledger.recent_orders(20) if o.order_type is OrderType.STOP_MARKET]
+    assert [o.state for o in stops].count(OrderState.OPEN) == 1, "a live stop is never doubled"
+
+
+async def _dust_position(rig: Rig) -> None:
+    """A round trip with the buy's fee taken in BTC (Binance's default) and the sale rounded down to
+    the market's step: a tenth of a step is left over."""
+    market = rig.exchange.market(SYMBOL)
+    step = market.amount_step
+    bought = step * 1000
+    fee = step / 10  # the fee leaves the position at 999.9 steps
+    buy = Fill(client_order_id="buy-1", trade_id="t1", engine="spot", market=MarketType.SPOT, symbol=SYMBOL,
+               side=Side.BUY, amount=bought, price=Decimal(100), fee=fee, fee_asset="BTC", ts=rig.ctx.clock.now())
+    await rig.ledger.record_fill(buy)
+    held = bought - fee
+    sold = (held // step) * step
+    sell = Fill(client_order_id="sell-1", trade_id="t2", engine="spot", market=MarketType.SPOT, symbol=SYMBOL,
+                side=Side.SELL, amount=sold, price=Decimal(110), fee=Decimal("0.01"), fee_asset="USDT",
+                ts=rig.ctx.clock.now(), reduce_only=True)
+    result = await rig.ledger.record_fill(sell)
+    assert result.position is not None and 0 < result.position.amount < step, "the fee left a sub-step remainder"
+
+
+async def test_a_remainder_below_the_minimum_is_written_off_and_frees_the_symbol(rig: Rig) -> None:
+    await _dust_position(rig)
+    remainder = (await rig.ledger.positions("spot"))[0]
+    await rig.engine.refresh_positions()
+    await rig.step()
+    assert await rig.ledger.positions("spot") == [], "the remainder no longer counts as a position"
+    assert SYMBOL not in rig.engine.positions
+    trade = (await rig.ledger.closed_trades("spot"))[0]
+    # The round trip's P&L is its cash P&L: sales in, buys and fees out; the unsold remainder's cost
+    # is a loss.
+    cash = (await rig.ledger.fills("spot"))
+    buy, sell = cash
+    expected = sell.amount * sell.price - buy.amount * buy.price - sell.fee
+    assert trade.realized_pnl == expected
+    assert await rig.ledger.realized_pnl("spot") == expected
+    journal = await rig.ledger.read_journal("PositionWrittenOff")
+    assert journal and journal[0]["payload"]["amount"] == str(remainder.amount)
+    # The symbol trades again: a fresh entry is neither blocked nor stacked on the remainder.
+    await enter(rig)
+    assert rig.engine.positions[SYMBOL].amount > remainder.amount * 1000
+
+
+async def test_a_remainder_found_at_start_up_is_written_off_before_protecting(rig: Rig) -> None:
+    await _dust_position(rig)
+    fresh = SpotEngine(rig.ctx)
+    fresh.symbols = [SYMBOL]
+    await fresh.load_state()
+    assert fresh.positions == {} and await rig.ledger.positions("spot") == []
+    assert rig.sells == [], "no stop was tried for coins that cannot be sold"

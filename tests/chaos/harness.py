@@ -845,6 +845,18 @@ class ScenarioLane(Lane):
         return out
 
 
+def _reprotected(events: list[dict[str, Any]], mark: int) -> bool:
+    """Every symbol whose protective stop was refused after `mark` has had one placed since."""
+    pending: set[str] = set()
+    for e in events[mark:]:
+        name = str(e.get("event", ""))
+        if name.startswith("no protective stop"):
+            pending.add(str(e.get("symbol")))
+        elif name == "protective stop placed":
+            pending.discard(str(e.get("symbol")))
+    return not pending and any(str(e.get("event", "")).startswith("no protective stop") for e in events[mark:])
+
+
 class FaultLane(ScenarioLane):
     def __init__(self, case: FaultCase, config: LaneConfig, workdir: Path, closes: dict[str, list[Decimal]],
                  seed: int, clock: Clock, wait_after: float) -> None:
@@ -865,8 +877,11 @@ class FaultLane(ScenarioLane):
                                                              "exit") for e in daemon.events[mark:]),
                               self.wait_after)
         consumed_at = (await self.fake.summary())["creates"]
-        # ... and trading goes on: more orders after it (a frozen market only gets time to re-protect).
-        if not self.case.freeze:
+        # ... and trading goes on: more orders after it; on a frozen market, the refused stop placed again
+        # (the engine retries a refused protective stop after a backoff).
+        if self.case.freeze:
+            await daemon.wait_for(functools.partial(_reprotected, daemon.events, mark), self.wait_after)
+        else:
             await self.poll(lambda s: s["creates"] >= consumed_at + 2, self.wait_after)
         orders_after = (await self.fake.summary())["creates"] - consumed_at
         running = daemon.running
