@@ -191,7 +191,8 @@ STAGE_HELP = {
             "did not make)",
     "decide": "step() -> RiskGate.check() entered (entry: candles, momentum rule, sizing; take-profit: "
               "cancelling the protective stop)",
-    "sequence": "gate, allocator, Ledger.next_sequence() (client order id; ledger thread, one commit)",
+    "sequence": "gate, allocator, OrderManager.submit's task, the client order id (a ledger commit once "
+                "per 1000 ids)",
     "insert": "Ledger.insert_order() (the order row before sending; ledger thread, one commit)",
     "send": "clock.wait_for(PaperExchange.create_order()) until it returned",
 }
@@ -346,7 +347,7 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             if breakdown:
                 stages.wrap_async(engine, "step", "step", None)
                 stages.wrap_sync(gate, "check", "gate")
-                stages.wrap_async(ledger, "next_sequence", None, "sequence")
+                stages.wrap_async(om, "new_client_order_id", None, "sequence")
                 stages.wrap_async(ledger, "insert_order", None, "insert")
             feed.prepare_entry(0)
             scripted = feed.candles(SYMBOL, engine.timeframe, 100)
