@@ -168,6 +168,10 @@ class Settings(BaseSettings):
     exchange_backoff_max_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
     # Share of Binance's request-weight limit per minute the daemon may use (both engines together).
     exchange_weight_share_pct: Annotated[float, Field(gt=0, le=100)] = 75.0
+    # How long an order whose send had no clear answer may stay "not found" before it is declared never
+    # placed. Long enough for the exchange to show an order it did take; the engine's trade lock is held
+    # meanwhile, so not much longer.
+    order_unknown_grace_seconds: Annotated[float, Field(ge=1, le=600)] = 15.0
 
     # --- operations: telegram, alerts, systemd, health endpoint (issue 5) -------------------------
     alert_order_fills: bool = True

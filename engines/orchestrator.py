@@ -394,7 +394,8 @@ class Orchestrator:
 
     def _add_engine_parts(self, name: str, exchange: Exchange) -> None:
         orders = OrderManager(name, exchange, self._ledger(), self.bus, self.clock,
-                              send_timeout=self.settings.exchange_timeout_seconds)
+                              send_timeout=self.settings.exchange_timeout_seconds,
+                              unknown_grace_seconds=self.settings.order_unknown_grace_seconds)
         if isinstance(exchange, PaperExchange | PaperFuturesExchange):
             exchange.on_fill = lambda update, om=orders: self._own(self._late_fill(om, update), "late-fill")
         self.parts[name] = EngineParts(name=name, exchange=exchange, orders=orders,

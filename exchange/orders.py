@@ -2,8 +2,11 @@
 
 Every order is written to the ledger with its client order id before it is sent. A send whose outcome
 is unknown (timeout, dropped connection, crash) leaves the order UNKNOWN, and is resolved by asking the
-exchange for that client order id — never by sending again. The ledger is reached through the small
-`OrderStore` protocol so that `exchange` does not import `storage` (they are siblings in DESIGN.md).
+exchange for that client order id — never by sending again. A send the exchange refused outright
+(rate limit, timestamp outside recvWindow) is no unknown outcome: Binance did nothing, so the order is
+rejected at once instead of holding the engine's trade lock through the grace period. The ledger is
+reached through the small `OrderStore` protocol so that `exchange` does not import `storage` (they are
+siblings in DESIGN.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from core.events import (
 )
 from core.types import Fill, Order, OrderIntent, OrderState, Position, PositionSide
 from exchange.base import Exchange, OrderRequest, OrderUpdate
+from exchange.errors import ClockSkew, RateLimited
 
 log = structlog.get_logger("orders")
 
@@ -146,7 +150,7 @@ class OrderManager:
         clock: Clock,
         *,
         send_timeout: float = 10.0,
-        unknown_grace_seconds: float = 30.0,
+        unknown_grace_seconds: float = 15.0,
         boot_stamp: int | None = None,
     ) -> None:
         self.engine = engine
@@ -233,6 +237,11 @@ class OrderManager:
         )
         try:
             update = await self.clock.wait_for(self.exchange.create_order(request), self.send_timeout)
+        except (RateLimited, ClockSkew) as exc:
+            # Refused before it did anything (Binance places nothing on 429/418/-1003 or -1021), so there
+            # is nothing to look for. Not resent either: the engine decides again on fresh prices, and
+            # the client has already resynced its clock after a -1021 so that next order can go through.
+            return await self._rejected(order, f"refused by the exchange ({type(exc).__name__}): {exc}")
         except (TimeoutError, TemporaryError) as exc:
             # The order may or may not exist on the exchange. Never send again: ask for it by id.
             await self.store.update_order(cid, state=OrderState.UNKNOWN)
