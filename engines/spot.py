@@ -29,6 +29,8 @@ from exchange.base import quantize_down, quantize_price
 
 _HUNDRED = Decimal(100)
 _LIVE = (OrderState.OPEN, OrderState.PARTIALLY_FILLED)
+# Sent or being sent, outcome not yet known (a crash, or an exchange that stopped answering).
+_UNSETTLED = (OrderState.PENDING, OrderState.UNKNOWN)
 # A protective stop the exchange refused is tried again after this, doubling up to the cap: a passing
 # fault (503, 429) heals within a minute, a lasting one does not make the engine hammer the exchange.
 STOP_RETRY_SECONDS = 10.0
@@ -76,7 +78,7 @@ class SpotEngine(BaseEngine):
         remainder too small to sell is written off first (see `write_off_dust`)."""
         await super().load_state()
         for position in list(self.positions.values()):
-            if await self.write_off_dust(position):
+            if await self.write_off_dust(position, self.ctx.feed.ticker(position.symbol)):
                 continue
             if position.stop_loss is None or position.take_profit is None:
                 await self._set_exit_levels(position)
@@ -88,7 +90,7 @@ class SpotEngine(BaseEngine):
         for symbol in self.symbols:
             ticker = self.ctx.feed.ticker(symbol)
             position = self.positions.get(symbol)
-            if position is not None and await self.write_off_dust(position):
+            if position is not None and await self.write_off_dust(position, ticker):
                 position = None
             if position is not None:
                 if ticker is not None:
@@ -101,27 +103,34 @@ class SpotEngine(BaseEngine):
                 continue
             await self.consider_entry(symbol, ticker)
 
-    async def write_off_dust(self, position: Position) -> bool:
-        """Close, in the ledger only, a position whose amount rounds down below the market's minimum
-        order: nothing can sell it or protect it, yet it would block its symbol and count against
-        `spot_max_positions` for ever. It is what Binance's default fee leaves (a buy's fee is taken
-        from the coins bought, so the step-rounded sale leaves a fraction of a step). Its cost is
-        charged to the trade as a loss; the coins stay on the account. True when written off."""
-        market = self.ctx.exchange.market(position.symbol)
-        sellable = quantize_down(position.amount, market.amount_step)
-        if sellable > 0 and sellable >= market.min_amount:
-            return False
+    async def write_off_dust(self, position: Position, ticker: Ticker | None) -> bool:
+        """Close, in the ledger only, a long position too small to sell: its amount rounds down below the
+        market's minimum order, or is worth less than the minimum notional at the bid. Nothing can sell
+        or protect it, yet it would block its symbol and count against `spot_max_positions` for ever.
+        It is what Binance's default fee leaves (a buy's fee is taken from the coins bought, so the
+        step-rounded sale leaves a fraction of a step). Its cost is charged to the trade as a loss; the
+        coins stay on the account. Never while an order of the symbol is still working (a partly filled
+        stop goes on selling the remainder). True when the position is gone."""
         if position.side is not PositionSide.LONG:
             return False
-        closed = await self.ctx.ledger.write_off(self.ctx.name, position.symbol,
+        market = self.ctx.exchange.market(position.symbol)
+        sellable = quantize_down(position.amount, market.amount_step)
+        price = None if ticker is None else ticker.bid
+        worthless = price is not None and price > 0 and sellable * price < market.min_notional
+        if sellable > 0 and sellable >= market.min_amount and not worthless:
+            return False
+        working = await self.ctx.ledger.orders_in_states((*_LIVE, *_UNSETTLED), engine=self.ctx.name)
+        if any(o.symbol == position.symbol for o in working):
+            return False
+        closed = await self.ctx.ledger.write_off(self.ctx.name, position.symbol, expected_amount=position.amount,
                                                  reason="below the market's minimum order")
         await self.refresh_positions()
         if closed is not None:
             self.log.warning("position remainder written off: below the market's minimum order",
-                             symbol=position.symbol, amount=str(position.amount),
-                             min_amount=str(market.min_amount), amount_step=str(market.amount_step),
+                             symbol=position.symbol, amount=str(position.amount), bid=str(price),
+                             min_amount=str(market.min_amount), min_notional=str(market.min_notional),
                              realized_pnl=str(closed.realized_pnl))
-        return True
+        return position.symbol not in self.positions
 
     # --- exits -----------------------------------------------------------------------------------
     def exit_reason(self, position: Position, price: Decimal) -> str | None:
@@ -225,29 +234,61 @@ class SpotEngine(BaseEngine):
 
     # --- protective stops on the exchange --------------------------------------------------------
     async def _resting_stops(self, symbol: str) -> list[Order]:
-        """This engine's stop sells the ledger holds live for the symbol."""
-        orders = await self.ctx.ledger.orders_in_states(_LIVE, engine=self.ctx.name)
-        return [o for o in orders
-                if o.symbol == symbol and o.order_type is OrderType.STOP_MARKET and o.side is Side.SELL]
+        """This engine's stop sells of the symbol that may rest on the exchange. One whose send never
+        got a clear answer is settled first (asked for by client order id), so it is never overlooked:
+        overlooking it would mean a second stop, or a take-profit selling coins it holds."""
+        def stops(orders: list[Order]) -> list[Order]:
+            return [o for o in orders
+                    if o.symbol == symbol and o.order_type is OrderType.STOP_MARKET and o.side is Side.SELL]
+
+        for order in stops(await self.ctx.ledger.orders_in_states(_UNSETTLED, engine=self.ctx.name)):
+            await self.ctx.orders.resolve_unknown(order)
+        return stops(await self.ctx.ledger.orders_in_states(_LIVE, engine=self.ctx.name))
 
     async def _live_stop(self, position: Position) -> Order | None:
         """The position's stop on the exchange: the one its meta names or, failing that, a resting stop
-        of this symbol that a crash left unlinked (killed between the stop's answer and saving its id).
-        Such a stop is adopted, never doubled: a second one would be refused, since the first already
-        holds the coins."""
+        of this symbol for exactly the position's sellable amount that a crash left unlinked (killed
+        between the stop's answer and saving its id). Such a stop is adopted, never doubled: a second
+        one would be refused, since the first already holds the coins."""
         cid = position.meta.get("stop_order")
         if cid:
             order = await self.ctx.ledger.get_order(cid)
             if order is not None and order.state in _LIVE:
                 return order
-        resting = await self._resting_stops(position.symbol)
-        if not resting:
+        sellable = quantize_down(position.amount, self.ctx.exchange.market(position.symbol).amount_step)
+        matching = [o for o in await self._resting_stops(position.symbol) if o.amount - o.filled == sellable]
+        if not matching:
             return None
-        adopted = max(resting, key=lambda o: o.created_at)
+        adopted = max(matching, key=lambda o: o.created_at)
         await self._link_stop(position, adopted.client_order_id)
         self.log.warning("protective stop adopted from the ledger", symbol=position.symbol,
                          client_order_id=adopted.client_order_id, was=cid or None)
         return adopted
+
+    async def _cancel_stops(self, symbol: str) -> bool:
+        """Cancel every resting stop of the symbol. True when none is left; False when one could not be
+        cancelled (no answer: retried at the next step) or had filled (the exchange sold: positions are
+        reloaded and nothing is sold again)."""
+        all_gone = True
+        for order in await self._resting_stops(symbol):
+            try:
+                async with self.ctx.trade_lock:
+                    result = await self.ctx.orders.cancel(order)
+            except (TimeoutError, TemporaryError, DependencyError) as exc:
+                all_gone = False
+                self.log.warning("protective stop not cancelled: will retry", symbol=symbol,
+                                 client_order_id=order.client_order_id, error=str(exc) or type(exc).__name__)
+                continue
+            state = result.order.state
+            # REJECTED: the exchange never had it (an unknown send settled as never placed).
+            if state not in (OrderState.CANCELED, OrderState.REJECTED) or result.order.filled > 0:
+                all_gone = False
+                self.log.info("protective stop not cancelled", symbol=symbol,
+                              client_order_id=order.client_order_id, state=str(state),
+                              filled=str(result.order.filled))
+        if not all_gone:
+            await self.refresh_positions()
+        return all_gone
 
     async def _link_stop(self, position: Position, client_order_id: str) -> None:
         meta = {**position.meta, "stop_order": client_order_id}
@@ -267,7 +308,9 @@ class SpotEngine(BaseEngine):
         if position.stop_loss is None:
             return
         now = self.clock.now()
-        if not force and now < self._stop_next_check.get(symbol, -math.inf):
+        if force:  # a new position (or a new process): a backoff earned by an earlier one does not apply
+            self._stop_backoff.pop(symbol, None)
+        elif now < self._stop_next_check.get(symbol, -math.inf):
             return
         if await self._live_stop(position) is not None:
             self._stop_next_check[symbol] = now + STOP_CHECK_SECONDS
@@ -277,6 +320,15 @@ class SpotEngine(BaseEngine):
         amount = quantize_down(position.amount, market.amount_step)
         if amount <= 0:
             return
+        # A resting stop that does not fit the position (left by an earlier one) holds coins the new stop
+        # needs: on spot it must go first. The gap lasts one cancel and one send, and is logged.
+        if await self._resting_stops(symbol):
+            self.log.warning("replacing a protective stop that does not fit the position", symbol=symbol)
+            if not await self._cancel_stops(symbol):
+                self._stop_next_check[symbol] = self.clock.now() + STOP_RETRY_SECONDS
+                return
+            if symbol not in self.positions:
+                return
         intent = OrderIntent(
             engine=self.ctx.name, market=MarketType.SPOT, symbol=symbol, side=Side.SELL,
             amount=amount, order_type=OrderType.STOP_MARKET, stop_price=position.stop_loss,
@@ -301,27 +353,9 @@ class SpotEngine(BaseEngine):
         """Before the engine sells, the exchange's stops must be gone, or both could sell the same coins.
         A stop-loss is left to the exchange's own stop order; a take-profit cancels every resting stop of
         the symbol first. Returns True when the engine may sell now."""
-        if await self._live_stop(position) is None:
-            return True
-        if reason == "stop-loss":
+        if await self._live_stop(position) is not None and reason == "stop-loss":
             return False
-        all_gone = True
-        for order in await self._resting_stops(position.symbol):
-            try:
-                async with self.ctx.trade_lock:
-                    result = await self.ctx.orders.cancel(order)
-            except (TimeoutError, TemporaryError, DependencyError) as exc:
-                all_gone = False
-                self.log.warning("protective stop not cancelled: will retry", symbol=position.symbol,
-                                 client_order_id=order.client_order_id, error=str(exc) or type(exc).__name__)
-                continue
-            if result.order.state is not OrderState.CANCELED:
-                all_gone = False
-                self.log.info("protective stop not cancelled", symbol=position.symbol,
-                              client_order_id=order.client_order_id, state=str(result.order.state))
-        if not all_gone:
-            await self.refresh_positions()
-        return all_gone
+        return await self._cancel_stops(position.symbol)
 
     async def _set_exit_levels(self, position: Position) -> None:
         market = self.ctx.exchange.market(position.symbol)

@@ -619,17 +619,18 @@ class Ledger:
         self._order_progress(conn, fill.client_order_id, now)
         return FillResult(True, None if after is None else after.position(), realized, closed)
 
-    async def write_off(self, engine: str, symbol: str, *, reason: str) -> ClosedTrade | None:
+    async def write_off(self, engine: str, symbol: str, *, expected_amount: Decimal, reason: str) -> ClosedTrade | None:
         """Close a long position the engine can no longer sell (a remainder below the market's minimum
         order, typically what a buy's fee taken in the base asset leaves after the sale). Left open it
         would block its symbol and count as a position for ever. The coins stay on the account; the
         journal entry (`PositionWrittenOff`) keeps amount and cost for the owner's own books. Returns the
-        closed trade, or None when there was no such position."""
+        closed trade, or None when there is no such position or its amount is no longer
+        `expected_amount` (a fill landed since the caller looked: it must look again)."""
         now = self.clock.now()
 
         def work(conn: sqlite3.Connection) -> ClosedTrade | None:
             book = self._load_book(conn, engine, symbol)
-            if book is None:
+            if book is None or book.amount != expected_amount:
                 return None
             closed = written_off(book, now)
             self._insert_closed(conn, closed)

@@ -17,7 +17,7 @@ from config import load_settings
 from core.clock import SimClock
 from core.errors import DependencyError
 from core.events import EventBus
-from core.types import CandleSeries, Fill, MarketType, OrderState, OrderType, Side, Ticker
+from core.types import CandleSeries, Fill, MarketType, Order, OrderState, OrderType, Side, Ticker
 from engines import spot as spot_module
 from engines.base import EngineContext
 from engines.spot import SpotEngine
@@ -318,3 +318,93 @@ async def test_a_remainder_found_at_start_up_is_written_off_before_protecting(ri
     await fresh.load_state()
     assert fresh.positions == {} and await rig.ledger.positions("spot") == []
     assert rig.sells == [], "no stop was tried for coins that cannot be sold"
+
+
+async def test_a_stop_whose_send_stayed_unknown_is_settled_and_adopted_not_doubled(rig: Rig) -> None:
+    """A stop whose send never got a clear answer (the exchange stopped answering long enough for the
+    order manager to give up) may be resting on the exchange: it is asked for, then adopted."""
+    await enter(rig)
+    stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    await rig.ledger.update_order(stop_id, state=OrderState.UNKNOWN)
+    assert await rig.ledger.update_position("spot", SYMBOL, meta={})
+    rig.engine.positions[SYMBOL].meta = {}
+    await rig.engine.protect(rig.engine.positions[SYMBOL], force=True)
+    assert rig.engine.positions[SYMBOL].meta.get("stop_order") == stop_id
+    assert (await rig.ledger.get_order(stop_id)).state is OrderState.OPEN  # type: ignore[union-attr]
+    assert rig.sells == [OrderType.STOP_MARKET], "no second stop was sent"
+
+
+async def test_a_stop_that_does_not_fit_the_position_is_replaced_not_adopted(rig: Rig) -> None:
+    await enter(rig)
+    old_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    old = await rig.ledger.get_order(old_id)
+    assert old is not None
+    # The ledger's position shrank (part of it sold elsewhere, adopted as a foreign fill) while the
+    # resting stop still covers the first amount: adopting it would sell more than the position.
+    await rig.ledger.record_fill(Fill(client_order_id="by-hand", trade_id="hand-1", engine="spot",
+                                      market=MarketType.SPOT, symbol=SYMBOL, side=Side.SELL, amount=Decimal("5"),
+                                      price=Decimal(100), fee=Decimal(0), fee_asset="USDT", ts=rig.ctx.clock.now()))
+    await rig.engine.refresh_positions()
+    await rig.ledger.update_position("spot", SYMBOL, meta={})
+    position = rig.engine.positions[SYMBOL]
+    position.meta = {}
+    await rig.engine.protect(position, force=True)
+    new_id = rig.engine.positions[SYMBOL].meta.get("stop_order")
+    assert new_id and new_id != old_id
+    assert (await rig.ledger.get_order(old_id)).state is OrderState.CANCELED  # type: ignore[union-attr]
+    new = await rig.ledger.get_order(new_id)
+    assert new is not None and new.state is OrderState.OPEN and new.amount == rig.engine.positions[SYMBOL].amount
+
+
+async def test_a_remainder_is_not_written_off_while_an_order_still_works_on_it(rig: Rig) -> None:
+    """A partly filled stop goes on selling: writing the position off under it would turn its next
+    fill into a phantom short."""
+    await _dust_position(rig)
+    now = rig.ctx.clock.now()
+    await rig.ledger.insert_order(Order(
+        client_order_id="stop-working", engine="spot", market=MarketType.SPOT, symbol=SYMBOL, side=Side.SELL,
+        order_type=OrderType.STOP_MARKET, amount=Decimal("0.01"), price=None, stop_price=Decimal(90),
+        reduce_only=True, state=OrderState.PARTIALLY_FILLED, created_at=now, updated_at=now))
+    await rig.engine.refresh_positions()
+    await rig.step()
+    assert len(await rig.ledger.positions("spot")) == 1
+    await rig.ledger.update_order("stop-working", state=OrderState.CANCELED)
+    await rig.step()
+    assert await rig.ledger.positions("spot") == []
+
+
+async def test_a_position_worth_less_than_the_minimum_notional_is_written_off(rig: Rig) -> None:
+    market = rig.exchange.market(SYMBOL)
+    steps = market.amount_step * 2  # sellable by amount, but far below 5 USDT at 100
+    await rig.ledger.record_fill(Fill(client_order_id="tiny", trade_id="tiny-1", engine="spot",
+                                      market=MarketType.SPOT, symbol=SYMBOL, side=Side.BUY, amount=steps,
+                                      price=Decimal(100), fee=Decimal(0), fee_asset="USDT", ts=rig.ctx.clock.now()))
+    assert steps * 100 < market.min_notional
+    await rig.engine.refresh_positions()
+    await rig.step()
+    assert await rig.ledger.positions("spot") == []
+    assert rig.sells == [], "no order below the minimum was tried"
+
+
+async def test_a_new_position_does_not_inherit_an_old_stop_backoff(rig: Rig) -> None:
+    refusals = 1
+    original = rig.exchange.create_order
+
+    async def refuse_once(request):  # type: ignore[no-untyped-def]
+        nonlocal refusals
+        if request.order_type is OrderType.STOP_MARKET and refusals > 0:
+            refusals -= 1
+            raise DependencyError("exchange refused the stop (test)")
+        return await original(request)
+
+    rig.exchange.create_order = refuse_once  # type: ignore[method-assign]
+    rig.engine._stop_backoff[SYMBOL] = spot_module.STOP_RETRY_MAX_SECONDS  # earned by an earlier position
+    ticker = rig.feed.ticker(SYMBOL)
+    assert ticker is not None
+    await rig.engine.enter(SYMBOL, ticker, "test entry")
+    assert refusals == 0 and not rig.engine.positions[SYMBOL].meta.get("stop_order")
+    clock = rig.ctx.clock
+    assert isinstance(clock, SimClock)
+    clock.set(clock.now() + spot_module.STOP_RETRY_SECONDS)
+    await rig.step()
+    assert rig.engine.positions[SYMBOL].meta.get("stop_order"), "retried after the first backoff, not 5 min"
