@@ -62,20 +62,31 @@ class WeightBudget:
         self._stamp = now
         self._tokens = min(self.burst, self._tokens + elapsed * self.rate_per_second)
 
+    def try_take(self, weight: float) -> bool:
+        """Take `weight` now if it is there and nobody is queued for it; never waits.
+
+        The common case on the order path: a plain call, so a caller with budget to spare pays for
+        no coroutine. On False nothing was taken, and the caller awaits `acquire` for its turn.
+        """
+        if self._lock.locked():
+            return False  # others are waiting for the refill: queue behind them, do not overtake
+        need = weight if weight <= self.burst else self.burst
+        self._refill()
+        if self._tokens >= need:
+            self._tokens -= need
+            self.stats.spent += int(weight)
+            return True
+        return False
+
     async def acquire(self, weight: float) -> float:
         """Take `weight` from the bucket, waiting for the refill if needed; returns seconds waited.
 
         A weight larger than the burst is capped at the burst, so one heavy call still goes through
         (after the bucket is full) instead of waiting forever.
         """
+        if self.try_take(weight):
+            return 0.0
         need = min(float(weight), self.burst)
-        if not self._lock.locked():
-            # Nobody is waiting: take the weight at once if it is there (the common case, no await).
-            self._refill()
-            if self._tokens >= need:
-                self._tokens -= need
-                self.stats.spent += int(weight)
-                return 0.0
         waited = 0.0
         async with self._lock:
             while True:
