@@ -45,7 +45,7 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "py
 LIVE_LIBRARIES = ("ccxt", "ccxt.async_support", "telegram", "telegram.ext", "pandas", "structlog",
                   "pydantic_settings")
 BARE_IMPORTS = ("ccxt.async_support", "telegram.ext", "pandas", "structlog", "pydantic_settings")
-ALSO_LOADED = ("numpy", "scipy.signal", "aiohttp", "prometheus_client")
+ALSO_LOADED = ("numpy", "aiohttp", "prometheus_client")
 MILESTONES = {
     "first log line": None,
     "market connection stage": "start-up stage:market connection",

@@ -3,14 +3,18 @@
 Strategies and backtests compute these over long histories, and their thresholds were tuned
 against TA-Lib, so every function returns an array as long as its input, holds NaN exactly where
 TA-Lib has no value (the warm-up), and agrees with TA-Lib to 1e-9 relative everywhere else. TA-Lib
-is only a test-time reference; this module needs numpy and scipy.
+is only a test-time reference; this module needs numpy alone.
 
 How the numbers stay equal:
 
-* Recursive filters (EMA, Wilder smoothing in RSI and ATR) run through `lfilter` below (scipy's C code
-  for long series, the same recursion in Python for the short windows the engines use),
-  which evaluates the same first-order recursion TA-Lib does; seeds are summed in TA-Lib's order.
-  The MACD line is the difference of two such filters, run as one second-order filter.
+* Recursive filters (EMA, Wilder smoothing in RSI and ATR, the EMAs of MACD) evaluate TA-Lib's
+  first-order recursion with TA-Lib's seeds (summed in TA-Lib's order). Short series (the engines'
+  windows) run it bar by bar; long ones in blocks of 16 bars, one matrix product for all blocks plus
+  a much shorter recursion for the values carried from block to block (see _recursion_chunks).
+  Each output is then a short weighted sum of inputs, accurate to a few ulps of its own size: no
+  rounding accumulates along the series, where a bar-by-bar loop is bound by the latency of one
+  multiply-add per bar. The MACD line is the sum of two such recursions (the fast EMA and the
+  negated slow one), evaluated together.
 * Where TA-Lib keeps a running total (the SMA inside STOCH, the money-flow sums of MFI) it leaves
   rounding residue where the exact answer is 0 (e.g. 5e-15 for a window of zeros). No relative
   tolerance survives a residue compared with an exact zero, so those totals are reproduced
@@ -31,14 +35,15 @@ TA-Lib's own rounding (a few ulps of the price, from a recursion that no vectori
 identically) is their leading digit, so there they agree to ~1e-15 of the price, not 1e-9 of the
 value.
 
-Work runs in cache-sized chunks written straight into the output arrays: at a million bars a
-whole-array temporary costs more in page faults than the arithmetic done on it.
+Work runs in cache-sized chunks written straight into the output arrays, and a recursion's computed
+input (gains, true ranges) is laid out in its output array and smoothed there: at a million bars
+every whole-array pass and every fresh whole-array temporary costs about as much as the arithmetic.
 
 Every function raises ValueError for a period below 1, a non-1-D input or inputs of different
 lengths: those are programming errors in the caller, not market conditions. Market conditions (flat
 prices, gaps, a series shorter than the warm-up, an empty series) never raise. Inputs are expected
-NaN-free; a NaN propagates to every later value of a recursive indicator and to the windows that
-contain it for the others.
+NaN-free; a NaN (or infinity) makes every later value of a recursive indicator NaN, and the windows
+that contain it NaN for the others.
 """
 
 from __future__ import annotations
@@ -118,58 +123,161 @@ def _spans(lo: int, hi: int, size: int = 0) -> Iterator[tuple[int, int]]:
 # --------------------------------------------------------------------------- numeric building blocks
 
 
-# Below this many samples the recursion runs in Python: the engines evaluate windows of a few hundred
-# bars, and importing scipy.signal costs the daemon ~1 s of start-up and ~60 MB of memory. Longer
-# series (backtests, benchmarks) use scipy's C implementation, imported on first need.
-_PY_FILTER_MAX = 4096
+# Recursions (EMA, Wilder) are evaluated in blocks of this many bars, one matrix product for all
+# blocks: a (blocks x 17) @ (17 x 16) product runs at BLAS speed, where a bar-by-bar loop (scipy's
+# lfilter included) is bound by the latency of one multiply-add per bar.
+_BLOCK = 16
+# Up to this many bars a recursion runs as a plain Python loop: the engines evaluate windows of a
+# few hundred bars, where setting up the blocks costs as much as the loop.
+_SEQ_MAX = 256
+# OpenBLAS hands a matrix product of more than 4*65536 multiply-adds (a matrix-vector product of
+# more than 9216 elements) to its thread pool; on a busy machine the wait for a second core costs
+# up to 100x the product itself (measured at 1M bars: 1-2 ms on the calling thread, outliers of
+# 20-200 ms threaded), so the products here are cut to stay under both.
+_GEMM_MNK = 4 * 65536
+_GEMV_ROWS = 512
+
+# One first-order recursion y[i] = alpha*x[i] + beta*y[i-1], started from y[-1] = seed.
+Recursion = tuple[float, float, float]
 
 
-def lfilter(
-    b: npt.NDArray[Any], a: npt.NDArray[Any], x: npt.NDArray[Any], zi: npt.NDArray[Any]
-) -> tuple[FloatArray, FloatArray]:
-    """scipy.signal.lfilter(b, a, x, zi=zi) for a[0] == 1: direct form II transposed, with the same
-    operations in the same order as scipy's C loop, so both paths give the same floats."""
-    if len(x) > _PY_FILTER_MAX:
-        from scipy.signal import lfilter as c_lfilter
+def _block_weights(alpha: float, beta: float) -> FloatArray:
+    """What a block's inputs and the value before it contribute to the block's outputs.
 
-        y, z = c_lfilter(b, a, x, zi=zi)
-        return y, z
-    order = max(len(b), len(a)) - 1
-    bl = [float(v) for v in b] + [0.0] * (order + 1 - len(b))
-    al = [float(v) for v in a] + [0.0] * (order + 1 - len(a))
-    z = [float(v) for v in zi]
-    out = np.empty(len(x), dtype=np.float64)
-    b0 = bl[0]
-    if order == 1:
-        b1, a1 = bl[1], al[1]
-        z0 = z[0]
-        for n, xn in enumerate(x.tolist()):
-            yn = z0 + b0 * xn
-            z0 = b1 * xn - a1 * yn
-            out[n] = yn
-        return out, np.array([z0])
-    for n, xn in enumerate(x.tolist()):
-        yn = z[0] + b0 * xn
-        for k in range(order - 1):
-            z[k] = z[k + 1] + bl[k + 1] * xn - al[k + 1] * yn
-        z[order - 1] = bl[order] * xn - al[order] * yn
-        out[n] = yn
-    return out, np.array(z)
+    Rows 0.._BLOCK-1: W[m, j] = alpha*beta**(j-m) for input m and output j (0 for m > j); row
+    _BLOCK: beta**(j+1) for the value before the block.
+    """
+    lag = np.arange(_BLOCK)[None, :] - np.arange(_BLOCK)[:, None]
+    weights = np.empty((_BLOCK + 1, _BLOCK))
+    weights[:_BLOCK] = np.where(lag >= 0, alpha * beta ** np.maximum(lag, 0).astype(np.float64), 0.0)
+    weights[_BLOCK] = beta ** np.arange(1, _BLOCK + 1, dtype=np.float64)
+    return weights
+
+
+_WEIGHTS: dict[tuple[tuple[float, float], ...], tuple[FloatArray, FloatArray, tuple[float, ...]]] = {}
+
+
+def _weights_for(
+    coefficients: tuple[tuple[float, float], ...],
+) -> tuple[FloatArray, FloatArray, tuple[float, ...]]:
+    """For summed recursions with these (alpha, beta): what each block's inputs contribute to its
+    last output (one column per recursion); [summed W; one decay row per recursion], the weights
+    of [block | values before it]; and each recursion's beta**_BLOCK. Cached (read-only arrays):
+    a backtest asks for the same few periods over and over."""
+    cached = _WEIGHTS.get(coefficients)
+    if cached is None:
+        parts = [_block_weights(alpha, beta) for alpha, beta in coefficients]
+        to_end = np.stack([w[:_BLOCK, -1] for w in parts], axis=1)
+        weights = np.concatenate([np.sum([w[:_BLOCK] for w in parts], axis=0), *(w[_BLOCK:] for w in parts)])
+        to_end.flags.writeable = weights.flags.writeable = False
+        cached = to_end, weights, tuple(float(w[-1, -1]) for w in parts)
+        if len(_WEIGHTS) >= 256:  # bounded: periods come from configuration, but never trust that
+            _WEIGHTS.clear()
+        _WEIGHTS[coefficients] = cached
+    return cached
+
+
+def _sequential(src: FloatArray, recursions: list[Recursion]) -> FloatArray:
+    """The summed recursions bar by bar: for short series and the last partial block."""
+    total = np.zeros(len(src))
+    values = src.tolist()
+    for alpha, beta, seed in recursions:
+        y = seed
+        out = []
+        for xn in values:
+            y = alpha * xn + beta * y
+            out.append(y)
+        total += out
+    return total
+
+
+def _recursion_chunks(
+    src: FloatArray, recursions: list[Recursion], dst: FloatArray | None = None
+) -> Iterator[tuple[int, int, FloatArray]]:
+    """The sum of the recursions over src, chunk by chunk, in order.
+
+    Yields (lo, hi, y): y holds the outputs of bars lo..hi-1. With `dst` (contiguous, as long as
+    src) y is the view dst[lo:hi], and all of dst is written; without, y is scratch that the next
+    chunk reuses. src may be dst itself: each chunk of input is read before its outputs are written.
+
+    Blocked: one row of a matrix product, [block | values before it] @ weights, gives a whole
+    block's outputs. The values before the blocks follow a recursion of their own, one value per
+    block with beta**_BLOCK per step, evaluated the same way from each block's own part of its last
+    output. Every output is then one short weighted sum of inputs and carries, accurate to a few
+    ulps of the sum of its terms: no rounding builds up along the series.
+
+    From the first NaN or infinite input on, the outputs are NaN (a block product would otherwise
+    smear a NaN over the earlier bars of its block).
+    """
+    n = len(src)
+    if dst is not None and not (dst.flags.c_contiguous and len(dst) == n):
+        raise ValueError("dst must be contiguous and as long as src")  # a reshaped copy would swallow outputs
+    count = len(recursions)
+    blocks = n // _BLOCK if n > _SEQ_MAX else 0
+    valid = n  # bars before the first non-finite input
+    lasts = [seed for _, _, seed in recursions]  # each recursion's value before bar blocks*_BLOCK
+    if blocks:
+        to_end, weights, carry_decays = _weights_for(tuple((alpha, beta) for alpha, beta, _ in recursions))
+        x = src[: blocks * _BLOCK].reshape(blocks, _BLOCK)  # one block a row
+        # Each block's own part of its last output (as if the value before it were 0) ...
+        own_ends = np.empty((blocks, count))
+        for lo, hi in _spans(0, blocks, _GEMV_ROWS):
+            np.matmul(x[lo:hi], to_end, out=own_ends[lo:hi])
+        if not np.isfinite(own_ends).all():
+            first_bad = int(np.flatnonzero(~np.isfinite(own_ends))[0]) // count
+            bad = np.flatnonzero(~np.isfinite(x[first_bad]))
+            if len(bad):  # (else a finite input overflowed: let it run)
+                blocks, valid = first_bad, first_bad * _BLOCK + int(bad[0])
+        # ... gives the value before each block, by a recursion over blocks.
+        before = np.empty((blocks + 1, count))
+        for i, ((_, _, seed), decay) in enumerate(zip(recursions, carry_decays, strict=True)):
+            ends = np.empty(blocks + 1)
+            ends[0] = seed
+            _recursion_into(ends[1:], np.ascontiguousarray(own_ends[:blocks, i]), [(1.0, decay, seed)])
+            before[:, i] = ends
+            lasts[i] = float(ends[-1])
+        # Then [block | values before it] @ weights is a whole block's outputs. Blocks per chunk:
+        # 4*_CHUNK bars, measured best (a chunk costs a dozen calls; the products stream anyway).
+        rows = min(max(4 * _CHUNK // _BLOCK, 1), blocks)
+        augmented = np.empty((rows, _BLOCK + count))
+        scratch = np.empty((rows if dst is None else 0, _BLOCK))  # the outputs, without dst
+        for lo, hi in _spans(0, blocks, rows):
+            inputs = augmented[: hi - lo]
+            inputs[:, :_BLOCK] = x[lo:hi]
+            inputs[:, _BLOCK:] = before[lo:hi]
+            # (dst is contiguous: its reshape is a view)
+            y = scratch[: hi - lo] if dst is None else dst[lo * _BLOCK : hi * _BLOCK].reshape(hi - lo, _BLOCK)
+            for a, b in _spans(0, hi - lo, _GEMM_MNK // weights.size):
+                np.matmul(inputs[a:b], weights, out=y[a:b])
+            yield lo * _BLOCK, hi * _BLOCK, y.reshape(-1)
+    head = blocks * _BLOCK
+    if head < valid:
+        tail = src[head:valid]
+        bad = np.flatnonzero(~np.isfinite(tail))
+        if len(bad):
+            valid = head + int(bad[0])
+        y = _sequential(src[head:valid], [(a, b, last) for (a, b, _), last in zip(recursions, lasts, strict=True)])
+        if dst is not None:
+            dst[head:valid] = y
+            y = dst[head:valid]
+        yield head, valid, y
+    if valid < n:
+        y = np.full(n - valid, np.nan)
+        if dst is not None:
+            dst[valid:] = y
+            y = dst[valid:]
+        yield valid, n, y
+
+
+def _recursion_into(dst: FloatArray, src: FloatArray, recursions: list[Recursion]) -> None:
+    """dst[:] = the sum of the recursions over src (see _recursion_chunks); dst contiguous."""
+    for _ in _recursion_chunks(src, recursions, dst):
+        pass
 
 
 def _seq_sum(values: npt.NDArray[Any]) -> Any:
     """Left-to-right sum from 0.0, the order TA-Lib accumulates in (np.sum is pairwise)."""
     return np.cumsum(values)[-1] if len(values) else values.dtype.type(0)
-
-
-def _recursive_into(dst: FloatArray, src: FloatArray, alpha: float, beta: float, seed: float) -> None:
-    """dst[i] = alpha*src[i] + beta*dst[i-1] with dst[-1] = seed, in C (lfilter), chunk by chunk."""
-    b = np.array([alpha])
-    a = np.array([1.0, -beta])
-    state = np.array([beta * seed])
-    for lo, hi in _spans(0, len(src)):
-        y, state = lfilter(b, a, src[lo:hi], zi=state)
-        dst[lo:hi] = y
 
 
 def _ema_into(dst: FloatArray, src: FloatArray, p: int, start: int) -> None:
@@ -180,7 +288,7 @@ def _ema_into(dst: FloatArray, src: FloatArray, p: int, start: int) -> None:
     k = 2.0 / (p + 1)
     seed = float(_seq_sum(src[start : first + 1])) / p
     dst[first] = seed
-    _recursive_into(dst[first + 1 :], src[first + 1 :], k, 1.0 - k, seed)
+    _recursion_into(dst[first + 1 :], src[first + 1 :], [(k, 1.0 - k, seed)])
 
 
 def _rolling(x: npt.NDArray[Any], p: int, op: Callable[..., Any]) -> npt.NDArray[Any]:
@@ -211,67 +319,79 @@ def _window_sum(x: FloatArray, p: int) -> FloatArray:
     """
     m = len(x) - p + 1
     out: FloatArray | None = None
+    owned = False  # out is a buffer of this call, not a view of a run (or of x)
     offset = 0
     run = x
     width = 1
     while True:
         if p & width:
             part = run[offset : offset + m]
-            out = part.copy() if out is None else np.add(out, part, out=out)
+            if out is None:
+                out = part
+            elif owned:
+                out += part
+            else:
+                out, owned = out + part, True
             offset += width
         if 2 * width > p:
             break
         run = run[:-width] + run[width:]  # run[i] now covers x[i : i + 2*width]
         width *= 2
     assert out is not None
-    return out
+    return out  # may be a view of x: read it, do not write it
 
 
-def _window_mean_var(x: FloatArray, p: int) -> tuple[FloatArray, FloatArray]:
-    """Mean and population variance of every p-window, length len(x) - p + 1.
+def _window_mean_m2(x: FloatArray, p: int, mean: FloatArray) -> FloatArray:
+    """Mean (into `mean`) and M2, the sum of squared deviations, of every p-window; returns M2.
+    Both of length len(x) - p + 1.
 
-    Built like _window_sum but carrying (mean, M2 = sum of squared deviations) and merging two
-    runs with Chan et al.'s pairwise update M2 = M2a + M2b + delta^2 * na*nb/(na+nb). No sum of
-    squares at the price level is formed, so nothing cancels: the variance is as precise as a
-    two-pass one, and a window of identical values has a variance of exactly 0.0.
+    Built like _window_sum but carrying (sum, M2) of runs of 1, 2, 4, ... bars, where two runs of
+    w bars merge with M2 = M2a + M2b + (Sb - Sa)^2/(2w), and the runs of p's binary expansion with
+    Chan et al.'s update M2 = M2a + M2b + (mean_b - mean_a)^2 * na*nb/(na+nb). No sum of squares at
+    the price level is formed, so nothing cancels: M2 is as precise as a two-pass one, and a window
+    of identical values has an M2 of exactly 0.0 (sums of 2^k equal values, and their means, are
+    exact).
     """
     m = len(x) - p + 1
-    mean: FloatArray | None = None
-    m2: FloatArray | None = None
+    m2: FloatArray | None = None  # None: no spread (yet)
     count = 0
     offset = 0
-    run_mean = x
-    run_m2 = np.zeros(len(x))  # runs of one bar have no spread
+    run_sum = x
+    run_m2: FloatArray | None = None  # runs of one bar have no spread
     width = 1
     while True:
         if p & width:
-            part_mean = run_mean[offset : offset + m]
-            part_m2 = run_m2[offset : offset + m]
-            if mean is None or m2 is None:
-                mean, m2 = part_mean.copy(), part_m2.copy()
+            part_m2 = None if run_m2 is None else run_m2[offset : offset + m]
+            if not count:
+                np.multiply(run_sum[offset : offset + m], 1.0 / width, out=mean)  # exact: width = 2^k
+                m2 = part_m2
             else:
                 total = count + width
-                delta = part_mean - mean
-                m2 += part_m2
-                m2 += delta * delta * (count * width / total)
+                delta = run_sum[offset : offset + m] * (1.0 / width)
+                delta -= mean
+                spread = delta * delta
+                spread *= count * width / total
+                for known in (m2, part_m2):
+                    if known is not None:
+                        spread += known
+                m2 = spread
                 delta *= width / total
                 mean += delta
             count += width
             offset += width
         if 2 * width > p:
             break
-        left, right = run_mean[:-width], run_mean[width:]
-        delta = right - left
-        run_m2 = run_m2[:-width] + run_m2[width:]
-        run_mean = left + right
-        run_mean *= 0.5
-        delta *= delta
-        delta *= width / 2.0
-        run_m2 += delta
+        left, right = run_sum[:-width], run_sum[width:]
+        merged = right - left
+        run_sum = left + right
+        merged *= merged
+        merged *= 0.5 / width
+        if run_m2 is not None:
+            merged += run_m2[:-width]
+            merged += run_m2[width:]
+        run_m2 = merged
         width *= 2
-    assert mean is not None and m2 is not None
-    m2 /= p
-    return mean, m2
+    return np.zeros(m) if m2 is None else m2  # scratch of this call: the caller may overwrite it
 
 
 # --------------------------------------------------------------------------- moving averages
@@ -327,21 +447,23 @@ def macd(
     if first >= n:
         return line, sig_line, hist
     start = s - 1
-    # The line is one second-order filter of the price (the difference of the two EMA filters),
-    # started from the two seeds: one pass instead of two EMAs and a subtraction.
+    # The line is the sum of two recursions over the price, the fast EMA and the negated slow
+    # one, evaluated together: one block product gives the line, neither EMA is stored.
     k_fast, k_slow = 2.0 / (f + 1), 2.0 / (s + 1)
-    b_fast, b_slow = 1.0 - k_fast, 1.0 - k_slow
     seed_fast = float(_seq_sum(values[s - f : s])) / f
     seed_slow = float(_seq_sum(values[:s])) / s
     line[start] = seed_fast - seed_slow
-    b = np.array([k_fast - k_slow, k_slow * b_fast - k_fast * b_slow])
-    a = np.array([1.0, -(b_fast + b_slow), b_fast * b_slow])
-    state = np.array([b_fast * seed_fast - b_slow * seed_slow, -b_fast * b_slow * line[start]])
-    for lo, hi in _spans(start + 1, n):
-        y, state = lfilter(b, a, values[lo:hi], zi=state)
-        line[lo:hi] = y
-    _ema_into(sig_line, line, sig, start)
-    np.subtract(line[first:], sig_line[first:], out=hist[first:])
+    fast_ema = (k_fast, 1.0 - k_fast, seed_fast)
+    negated_slow_ema = (-k_slow, 1.0 - k_slow, -seed_slow)
+    _recursion_into(line[start + 1 :], values[start + 1 :], [fast_ema, negated_slow_ema])
+    # The signal: an EMA of the line seeded on its first `sig` values, as TA-Lib does; the histogram
+    # is taken from each chunk of it while that chunk is in cache.
+    k_sig = 2.0 / (sig + 1)
+    sig_line[first] = float(_seq_sum(line[start : first + 1])) / sig
+    hist[first] = line[first] - sig_line[first]
+    signal_ema = [(k_sig, 1.0 - k_sig, float(sig_line[first]))]
+    for lo, hi, part in _recursion_chunks(line[first + 1 :], signal_ema, sig_line[first + 1 :]):
+        np.subtract(line[first + 1 + lo : first + 1 + hi], part, out=hist[first + 1 + lo : first + 1 + hi])
     line[:first] = np.nan
     sig_line[:first] = np.nan
     hist[:first] = np.nan
@@ -372,22 +494,25 @@ def rsi(close: npt.ArrayLike, period: int = 14) -> FloatArray:
     total = avg_gain + avg_loss
     out[p] = 100.0 * (avg_gain / total) if total > 0.0 else 0.0
     beta = (p - 1) / p
-    b = np.array([1.0 / p])
-    a = np.array([1.0, -beta])
-    state_gain = np.array([beta * avg_gain])
-    state_loss = np.array([beta * avg_loss])
+
+    # The gains are laid out where the RSI goes and smoothed in place, the losses beside them; then
+    # each chunk of smoothed losses turns the smoothed gains into RSI values.
+    res = out[p + 1 :]
+    losses = np.empty(n - p - 1)
     for lo, hi in _spans(p + 1, n):
-        change = values[lo:hi] - values[lo - 1 : hi - 1]
-        gain = np.maximum(change, 0.0)
-        np.subtract(gain, change, out=change)  # the loss: exactly -change where change < 0, else 0
-        avg_g, state_gain = lfilter(b, a, gain, zi=state_gain)
-        avg_l, state_loss = lfilter(b, a, change, zi=state_loss)
-        avg_l += avg_g
-        res = out[lo:hi]
+        gain, loss = res[lo - p - 1 : hi - p - 1], losses[lo - p - 1 : hi - p - 1]
+        np.subtract(values[lo:hi], values[lo - 1 : hi - 1], out=loss)  # the change, for now
+        np.maximum(loss, 0.0, out=gain)
+        np.subtract(gain, loss, out=loss)  # exactly -change where the price fell, else 0
+    _recursion_into(res, res, [(1.0 / p, beta, avg_gain)])
+    for lo, hi, avg_losses in _recursion_chunks(losses, [(1.0 / p, beta, avg_loss)], losses):
+        part = res[lo:hi]
+        avg_losses += part  # now gains + losses
         with np.errstate(divide="ignore", invalid="ignore"):
-            np.divide(avg_g, avg_l, out=res)
-        np.copyto(res, 0.0, where=avg_l <= 0.0)  # no gain and no loss at all: TA-Lib says 0
-        res *= 100.0
+            np.divide(part, avg_losses, out=part)
+        part *= 100.0
+        if not np.min(avg_losses) > 0.0:
+            np.copyto(part, 0.0, where=avg_losses <= 0.0)  # no gain and no loss at all: TA-Lib says 0
     return out
 
 
@@ -469,9 +594,12 @@ def _fast_k_into(dst: FloatArray, h: FloatArray, lw: FloatArray, c: FloatArray, 
     lowest = _rolling(lw[lo - fk + 1 : hi], fk, np.minimum)
     span = highest - lowest
     res = dst[lo:hi]
-    res.fill(0.0)
-    np.divide(c[lo:hi] - lowest, span, out=res, where=span != 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(c[lo:hi] - lowest, span, out=res)
     res *= 100.0
+    flat = span == 0.0
+    if flat.any():
+        res[flat] = 0.0
 
 
 def cci(high: npt.ArrayLike, low: npt.ArrayLike, close: npt.ArrayLike, period: int = 14) -> FloatArray:
@@ -558,30 +686,30 @@ def atr(high: npt.ArrayLike, low: npt.ArrayLike, close: npt.ArrayLike, period: i
     if n <= p:
         return out
 
-    def true_range(lo: int, hi: int) -> FloatArray:
-        prev = c[lo - 1 : hi - 1]
-        hi_, lo_ = h[lo:hi], lw[lo:hi]
-        if np.all(hi_ >= lo_):
-            # With high >= low, TA-Lib's greatest of high-low, |prev-high| and |prev-low| is the
-            # very same subtraction as max(high, prev) - min(low, prev): identical bits, 3 passes.
-            top = np.maximum(hi_, prev)
-            top -= np.minimum(lo_, prev)
-            return top
-        tr = hi_ - lo_
-        np.maximum(tr, np.abs(prev - hi_), out=tr)
-        np.maximum(tr, np.abs(prev - lo_), out=tr)
-        return tr
+    def true_range_into(dst: FloatArray, lo: int, hi: int) -> None:
+        """dst[:] = true ranges of bars lo..hi-1 (lo >= 1), a chunk at a time."""
+        scratch = np.empty(min(hi - lo, _CHUNK))
+        for a, b in _spans(lo, hi):
+            part, prev, hi_, lo_ = dst[a - lo : b - lo], c[a - 1 : b - 1], h[a:b], lw[a:b]
+            if np.all(hi_ >= lo_):
+                # With high >= low, TA-Lib's greatest of high-low, |prev-high| and |prev-low| is the
+                # very same subtraction as max(high, prev) - min(low, prev): identical bits, fewer passes.
+                np.maximum(hi_, prev, out=part)
+                part -= np.minimum(lo_, prev, out=scratch[: b - a])
+                continue
+            np.subtract(hi_, lo_, out=part)
+            np.maximum(part, np.abs(prev - hi_), out=part)
+            np.maximum(part, np.abs(prev - lo_), out=part)
 
     beta = (p - 1) / p
     alpha = 1.0 - beta  # as TA-Lib: alpha derived from beta, so that alpha + beta == 1 exactly
-    seed = float(_seq_sum(true_range(1, p + 1))) / p
+    true_range_into(out[1 : p + 1], 1, p + 1)
+    seed = float(_seq_sum(out[1 : p + 1])) / p
+    out[1 : p + 1] = np.nan
     out[p] = seed
-    b = np.array([alpha])
-    a = np.array([1.0, -beta])
-    state = np.array([beta * seed])
-    for lo, hi in _spans(p + 1, n):
-        y, state = lfilter(b, a, true_range(lo, hi), zi=state)
-        out[lo:hi] = y
+    # The true ranges are laid out where their averages go; the recursion replaces them in place.
+    true_range_into(out[p + 1 :], p + 1, n)
+    _recursion_into(out[p + 1 :], out[p + 1 :], [(alpha, beta, seed)])
     return out
 
 
@@ -601,12 +729,19 @@ def bollinger(
     n = len(values)
     upper, middle, lower = _warmup(n, p - 1), _warmup(n, p - 1), _warmup(n, p - 1)
     for lo, hi in _spans(p - 1, n, max(_CHUNK, 4 * p)):
-        mean, var = _window_mean_var(values[lo - p + 1 : hi], p)
-        np.sqrt(var, out=var)
-        middle[lo:hi] = mean
-        np.multiply(var, up, out=upper[lo:hi])
+        mean = middle[lo:hi]
+        deviation = _window_mean_m2(values[lo - p + 1 : hi], p, mean)
+        if up == dn >= 0.0:  # the usual symmetric bands: one deviation serves both
+            deviation *= up * up / p
+            np.sqrt(deviation, out=deviation)
+            np.add(mean, deviation, out=upper[lo:hi])
+            np.subtract(mean, deviation, out=lower[lo:hi])
+            continue
+        deviation *= 1.0 / p
+        np.sqrt(deviation, out=deviation)
+        np.multiply(deviation, up, out=upper[lo:hi])
         upper[lo:hi] += mean
-        np.multiply(var, -dn, out=lower[lo:hi])
+        np.multiply(deviation, -dn, out=lower[lo:hi])
         lower[lo:hi] += mean
     return upper, middle, lower
 
@@ -657,6 +792,16 @@ def mfi(
     def emit(total_pos: FloatArray, total_neg: FloatArray, dst: FloatArray) -> None:
         """100 * pos/(pos+neg), with pos clamped into [0, pos+neg] and 0.0 for an empty window."""
         total = total_pos + total_neg
+        if len(total) and np.min(total) > 0.0:  # (a NaN fails the test)
+            # Every window has flow: clamping pos into [0, total] is clamping the ratio into
+            # [0, 1], done only where a residue took it out (a window without rises or falls).
+            np.divide(total_pos, total, out=dst)
+            dst *= 100.0
+            if np.min(dst) < 0.0:
+                np.maximum(dst, 0.0, out=dst)
+            if np.max(dst) > 100.0:
+                np.minimum(dst, 100.0, out=dst)
+            return
         clamped = np.maximum(total_pos, 0.0)
         np.minimum(clamped, total, out=clamped)  # only matters where total > 0
         dst.fill(0.0)
@@ -676,11 +821,15 @@ def mfi(
         steps = hi - lo
         nothing = pos == 0.0
         nothing &= neg == 0.0
-        empty = _rolling(nothing[1:], p, np.logical_and)  # window ending at each step's bar is empty
-        restarts = np.flatnonzero(empty[1:] & ~empty[:-1]) + 1
-        if empty[0] and not was_empty:
-            restarts = np.concatenate(([0], restarts))
-        was_empty = bool(empty[-1])
+        if nothing[1:].any():
+            empty = _rolling(nothing[1:], p, np.logical_and)  # window ending at each step's bar is empty
+            restarts = np.flatnonzero(empty[1:] & ~empty[:-1]) + 1
+            if empty[0] and not was_empty:
+                restarts = np.concatenate(([0], restarts))
+            was_empty = bool(empty[-1])
+        else:  # every bar carried flow: no window is empty
+            restarts = np.empty(0, dtype=np.intp)
+            was_empty = False
         # Step j subtracts the leaving bar, then adds the entering one (TA-Lib's order): in the
         # float view of z that is -pos, -neg, +pos, +neg for each step.
         z = buf[: 2 * steps]

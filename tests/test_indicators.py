@@ -346,7 +346,7 @@ def test_indicators_module_does_not_import_talib() -> None:
     }
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "talib" not in imported
-    assert imported <= {"__future__", "operator", "collections", "typing", "numpy", "scipy"}
+    assert imported <= {"__future__", "operator", "collections", "typing", "numpy"}  # no scipy either
 
 
 # --------------------------------------------------------------------------- properties
