@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -51,11 +53,11 @@ def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
 class CandleArrays:
     """One symbol's candles of one timeframe, oldest first, strictly increasing open times.
 
-    `ts_ms` is the open time in UTC milliseconds (exact integers for bucketing); `ts` the same in
-    epoch seconds as `CandleSeries` carries it.
+    `ts` is the open time in epoch seconds, as `CandleSeries` carries it. Only it is stored: `ts_ms`,
+    the same in UTC milliseconds as exact integers for bucketing, is worked out from it when asked for
+    (one array in seven of the replay's history otherwise; issue: daemon memory).
     """
 
-    ts_ms: IntArray
     ts: FloatArray
     open: FloatArray
     high: FloatArray
@@ -64,7 +66,13 @@ class CandleArrays:
     volume: FloatArray
 
     def __len__(self) -> int:
-        return int(self.ts_ms.shape[0])
+        return int(self.ts.shape[0])
+
+    @property
+    def ts_ms(self) -> IntArray:
+        """Open times in UTC milliseconds: a new array on each call, so not for hot paths. Exact: `ts`
+        is a whole number of milliseconds / 1000 rounded once, well within float64's 53 bits."""
+        return np.rint(self.ts * 1000.0).astype(np.int64)
 
     @classmethod
     def build(
@@ -76,10 +84,8 @@ class CandleArrays:
         close: npt.ArrayLike,
         volume: npt.ArrayLike,
     ) -> CandleArrays:
-        ts_i = np.ascontiguousarray(ts_ms, dtype=np.int64)
         return cls(
-            ts_ms=_readonly(ts_i),
-            ts=_readonly(ts_i.astype(np.float64) / 1000.0),
+            ts=_readonly(np.divide(np.asarray(ts_ms, dtype=np.int64), 1000.0)),
             open=_readonly(np.ascontiguousarray(open_, dtype=np.float64)),
             high=_readonly(np.ascontiguousarray(high, dtype=np.float64)),
             low=_readonly(np.ascontiguousarray(low, dtype=np.float64)),
@@ -100,6 +106,31 @@ class CandleArrays:
             volume=self.volume[start:stop],
             observed_at=observed_at,
         )
+
+
+def _adopt(
+    ts_ms: npt.NDArray[np.float64],
+    open_: FloatArray,
+    high: FloatArray,
+    low: FloatArray,
+    close: FloatArray,
+    volume: FloatArray,
+) -> CandleArrays:
+    """CandleArrays made of the columns themselves (the caller gives them up): no copy of the prices,
+    and the float timestamps, divided in place, become the epoch seconds that build() would allocate
+    anew. Same values as build(): the float column holds whole milliseconds, exactly as int64 would."""
+    if ts_ms.dtype == np.float64 and ts_ms.flags.c_contiguous and ts_ms.flags.writeable:
+        ts = np.divide(ts_ms, 1000.0, out=ts_ms)
+    else:
+        ts = np.divide(ts_ms, 1000.0)
+    return CandleArrays(
+        ts=_readonly(ts),
+        open=_readonly(np.ascontiguousarray(open_, dtype=np.float64)),
+        high=_readonly(np.ascontiguousarray(high, dtype=np.float64)),
+        low=_readonly(np.ascontiguousarray(low, dtype=np.float64)),
+        close=_readonly(np.ascontiguousarray(close, dtype=np.float64)),
+        volume=_readonly(np.ascontiguousarray(volume, dtype=np.float64)),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,33 +164,41 @@ def clean_rows(
     low: FloatArray,
     close: FloatArray,
     volume: FloatArray,
+    *,
+    copy: bool = True,
 ) -> tuple[CandleArrays, Rejections]:
     """Keep the rows a strategy can trust, in file order; shared by file loading and the live feed.
 
     A row whose timestamp is not later than every earlier kept row is dropped (duplicate if equal,
     out of order if earlier) — the first occurrence wins, so a re-sent row cannot rewrite history.
+
+    With `copy=False` the caller hands its contiguous float64 columns over: when every row is kept
+    they become the result (made read-only) instead of being copied, which saves the file loader a
+    second copy of each file at its peak.
     """
-    prices = np.vstack([open_, high, low, close])
     finite_ts = np.isfinite(ts_ms) & (ts_ms > 0) & (np.floor(ts_ms) == ts_ms)
-    bad = (
-        ~finite_ts
-        | ~np.all(np.isfinite(prices), axis=0)
-        | np.any(prices <= 0, axis=0)
-        | ~np.isfinite(volume)
-        | (volume < 0)
-    )
+    bad = ~finite_ts | ~np.isfinite(volume) | (volume < 0)
+    # Column by column, not on a stacked copy of the four price columns: the replay loads 65k-row
+    # files, and every temporary here adds to the daemon's peak memory.
+    for prices in (open_, high, low, close):
+        bad |= ~np.isfinite(prices) | (prices <= 0)
     hl = ~bad & (high < low)
     outside = ~bad & ~hl & (
         (open_ > high) | (open_ < low) | (close > high) | (close < low)
     )
-    keep = ~(bad | hl | outside)
-    idx = np.flatnonzero(keep)
-    kts = ts_ms[idx]
-    # Running maximum of the timestamps before each row: a row must beat it to be in order.
-    prev_max = np.concatenate(([-np.inf], np.maximum.accumulate(kts)[:-1])) if kts.size else kts
-    dup = kts == prev_max
-    ooo = kts < prev_max
-    idx = idx[~(dup | ooo)]
+    valid = ~(bad | hl | outside)
+    # Indices only when rows go: a clean file (the usual case) needs no index array at all.
+    idx = None if valid.all() else np.flatnonzero(valid)
+    kts = ts_ms if idx is None else ts_ms[idx]
+    dup = np.zeros(kts.shape, dtype=bool)
+    ooo = np.zeros(kts.shape, dtype=bool)
+    if not (kts[1:] > kts[:-1]).all():
+        # A row must beat the running maximum of the timestamps before it to be in order.
+        run_max = np.maximum.accumulate(kts)
+        np.equal(kts[1:], run_max[:-1], out=dup[1:])
+        np.less(kts[1:], run_max[:-1], out=ooo[1:])
+        del run_max
+    del kts
     rejections = Rejections(
         bad_value=int(bad.sum()),
         high_below_low=int(hl.sum()),
@@ -167,15 +206,91 @@ def clean_rows(
         duplicate=int(dup.sum()),
         out_of_order=int(ooo.sum()),
     )
-    arrays = CandleArrays.build(
-        ts_ms[idx].astype(np.int64), open_[idx], high[idx], low[idx], close[idx], volume[idx]
-    )
+    if rejections.duplicate or rejections.out_of_order:
+        in_order = ~(dup | ooo)
+        idx = np.flatnonzero(in_order) if idx is None else idx[in_order]
+    if idx is not None:
+        arrays = CandleArrays.build(
+            ts_ms[idx].astype(np.int64), open_[idx], high[idx], low[idx], close[idx], volume[idx]
+        )
+    elif copy:
+        # Every row kept: one copy per column (not an indexed one and then another), and never the
+        # caller's own arrays, which build() would make read-only.
+        arrays = CandleArrays.build(
+            ts_ms.astype(np.int64), *(np.array(c, dtype=np.float64) for c in (open_, high, low, close, volume))
+        )
+    else:
+        arrays = _adopt(ts_ms, open_, high, low, close, volume)
     return arrays, rejections
 
 
 def _is_gzip(path: Path) -> bool:
     with path.open("rb") as fh:
         return fh.read(2) == b"\x1f\x8b"
+
+
+_BLOCK_CHARS = 96 * 1024  # ~1,800 rows of text: their parsed block stays under malloc's mmap threshold
+
+
+def _open_text(path: Path, gz: bool) -> IO[str]:
+    return gzip.open(path, "rt", encoding="utf-8") if gz else path.open(encoding="utf-8")
+
+
+def _count_newlines(path: Path, gz: bool) -> int:
+    with gzip.open(path, "rb") if gz else path.open("rb") as fh:
+        return sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 16), b""))
+
+
+def _read_numeric(path: Path) -> list[FloatArray] | None:
+    """The six columns of a plain, fully numeric candle file with the expected header, as contiguous
+    float64 arrays; None for any other file, which pandas then reads, forgivingly.
+
+    Why not pandas for every file: while it parses, its C tokenizer holds every field of the file,
+    several times the size of the result, and the replay's load sets the daemon's peak memory (issue:
+    daemon memory). Here the lines are counted first (decompressing twice costs ~20 ms), each column is
+    allocated once at its final size, and numpy's reader fills them a block of text at a time, so
+    nothing the size of the file is ever held twice or left behind as freed heap. numpy's reader is
+    strict (a stray word, an empty cell or a short row is a ValueError, and the file goes to pandas),
+    and it rounds each number correctly, like float(); on the bundled files both readers give the same
+    floats to the bit (tests/test_replay_memory.py).
+    """
+    gz = _is_gzip(path)
+    capacity = _count_newlines(path, gz) + 1  # at least the data rows: a last line may lack its newline
+    columns = [np.empty(capacity, dtype=np.float64) for _ in CSV_COLUMNS]
+    rows = 0
+
+    def parse(text: str) -> bool:
+        nonlocal rows
+        if not text.strip():
+            return True  # blank lines only: nothing to add (and loadtxt would warn)
+        try:
+            block = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, comments=None, ndmin=2)
+        except ValueError:
+            return False
+        end = rows + block.shape[0]
+        if block.shape[1] != len(CSV_COLUMNS) or end > capacity:
+            return False  # more rows than newlines: lines ending in a bare \r, not for this path
+        for column, values in zip(columns, block.T, strict=True):
+            column[rows:end] = values
+        rows = end
+        return True
+
+    with _open_text(path, gz) as fh:
+        if tuple(field.strip() for field in fh.readline().split(",")) != CSV_COLUMNS:
+            return None
+        rest = ""
+        while chunk := fh.read(_BLOCK_CHARS):
+            text = rest + chunk
+            cut = text.rfind("\n") + 1  # whole lines only; the rest goes with the next block
+            rest = text[cut:]
+            if not parse(text[:cut]):
+                return None
+        if not parse(rest):
+            return None
+    if rows == 0:
+        return None  # no data row: pandas' path words the error
+    # Normally one or two rows short of full (the header, the final newline): views, not copies.
+    return [column[:rows] for column in columns]
 
 
 def _read_frame(path: Path) -> pd.DataFrame:
@@ -188,6 +303,20 @@ def _read_frame(path: Path) -> pd.DataFrame:
         return frame.apply(lambda col: pd.to_numeric(col, errors="coerce")).astype(np.float64)
 
 
+def _read_columns(path: Path) -> tuple[list[FloatArray], int]:
+    """The six columns as float64 and the number of rows read; raises DependencyError for the header."""
+    columns = _read_numeric(path)
+    if columns is not None:
+        return columns, int(columns[0].shape[0])
+    frame = _read_frame(path)
+    if tuple(str(c).strip() for c in frame.columns) != CSV_COLUMNS:
+        raise DependencyError(
+            f"candle file {path} has header {','.join(map(str, frame.columns))}; "
+            f"expected {','.join(CSV_COLUMNS)}"
+        )
+    return [frame[c].to_numpy(dtype=np.float64) for c in CSV_COLUMNS], len(frame)
+
+
 def load_candles(path: Path) -> CandleArrays:
     """Read and validate one candle file (gzip or plain CSV). Blocking: call it through a thread.
 
@@ -195,25 +324,18 @@ def load_candles(path: Path) -> CandleArrays:
     or holds no valid row.
     """
     try:
-        frame = _read_frame(path)
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        cols, rows = _read_columns(path)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise DependencyError(f"cannot read candle file {path}: {exc}") from exc
     except pd.errors.EmptyDataError as exc:
         raise DependencyError(f"candle file {path} is empty") from exc
-    if tuple(str(c).strip() for c in frame.columns) != CSV_COLUMNS:
-        raise DependencyError(
-            f"candle file {path} has header {','.join(map(str, frame.columns))}; "
-            f"expected {','.join(CSV_COLUMNS)}"
-        )
-    cols = [frame[c].to_numpy(dtype=np.float64) for c in CSV_COLUMNS]
-    arrays, rejections = clean_rows(*cols)
+    arrays, rejections = clean_rows(*cols, copy=False)
     if rejections.total:
         log.warning(
-            "dropped bad candle rows", path=str(path), rows=len(frame), kept=len(arrays),
-            **rejections.as_dict(),
+            "dropped bad candle rows", path=str(path), rows=rows, kept=len(arrays), **rejections.as_dict(),
         )
     if len(arrays) == 0:
-        raise DependencyError(f"candle file {path} has no valid rows ({len(frame)} rows read)")
+        raise DependencyError(f"candle file {path} has no valid rows ({rows} rows read)")
     return arrays
 
 
@@ -258,14 +380,15 @@ def resample(base: CandleArrays, base_seconds: int, target_seconds: int) -> Resa
         return Resampled(base, empty)
     target_ms = target_seconds * 1000
     base_ms = base_seconds * 1000
-    bucket = base.ts_ms // target_ms
+    ts_ms = base.ts_ms
+    bucket = ts_ms // target_ms
     starts = np.concatenate(([0], np.flatnonzero(np.diff(bucket)) + 1))
     ends = np.concatenate((starts[1:], [n])) - 1  # index of each bucket's last base bar
     bucket_end_ms = (bucket[starts] + 1) * target_ms
-    final_present = base.ts_ms[ends] + base_ms >= bucket_end_ms
+    final_present = ts_ms[ends] + base_ms >= bucket_end_ms
     close_after = np.where(final_present, ends + 1, ends + 2).astype(np.int64)
     keep = np.ones(starts.shape[0], dtype=bool)
-    keep[0] = bool(base.ts_ms[0] == bucket[0] * target_ms)
+    keep[0] = bool(ts_ms[0] == bucket[0] * target_ms)
     keep[-1] = keep[-1] and bool(final_present[-1])
     arrays = CandleArrays.build(
         (bucket[starts] * target_ms)[keep],

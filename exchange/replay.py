@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,10 +23,9 @@ from core.errors import DependencyError
 from core.types import CandleSeries, FloatArray, Ticker
 from exchange.candles import (
     CandleArrays,
-    IntArray,
     Resampled,
     find_gaps,
-    load_candles_async,
+    load_candles,
     resample,
     timeframe_seconds,
     to_decimal_text,
@@ -37,11 +36,32 @@ log = structlog.get_logger("feed")
 
 _FILE_RE = re.compile(r"^binance_([A-Za-z0-9]+)_([A-Za-z0-9]+)-(\d+[mhd])\.csv(?:\.gz)?$")
 
-# Coarser timeframes resampled once at load (those that are multiples of the base); any other
-# multiple is resampled on first request and cached.
-PRECOMPUTED_TIMEFRAMES = ("15m", "30m", "1h", "2h", "4h", "1d")
+DAY_SECONDS = 86_400.0
+_MERGE_BLOCK = 8192
 
-DAY_MS = 86_400_000
+
+def merge_timelines(series: list[FloatArray]) -> FloatArray:
+    """The sorted union of strictly increasing timestamp arrays.
+
+    Symbols traded side by side share nearly every bar, so the longest series is taken as it is (no
+    copy: it often holds every timestamp, as SOL's does in the bundled data) and each other one only
+    adds the few timestamps the union lacks so far, found a block at a time. np.unique over all of
+    them concatenated would sort copies of the whole history at the moment the daemon's memory peaks
+    (issue: daemon memory).
+    """
+    longest, *others = sorted(series, key=len, reverse=True)
+    timeline = longest
+    for other in others:  # none longer than the timeline: an empty timeline means they are empty too
+        last = timeline.shape[0] - 1
+        extra: list[FloatArray] = []
+        for start in range(0, other.shape[0], _MERGE_BLOCK):
+            block = other[start:start + _MERGE_BLOCK]
+            pos = np.minimum(np.searchsorted(timeline, block), last)
+            extra.append(block[timeline[pos] != block])
+        missing = np.concatenate(extra) if extra else other[:0]
+        if missing.size:
+            timeline = np.insert(timeline, np.searchsorted(timeline, missing), missing)
+    return timeline
 
 
 def parse_replay_filename(path: Path) -> tuple[str, str] | None:
@@ -93,14 +113,17 @@ def discover_replay_files(path: Path, timeframe: str | None = None) -> dict[str,
 
 @dataclass(slots=True)
 class _Symbol:
-    """One symbol's history and where the replay stands in it."""
+    """One symbol's history and where the replay stands in it.
+
+    Only the base bars are kept from load; a coarser timeframe is resampled the first time an engine
+    asks for it (a millisecond for the bundled history) and cached, so the memory goes to the
+    timeframes in use and not to every one that might be (issue: daemon memory within its target).
+    """
 
     symbol: str
     path: Path
     base: CandleArrays
-    resampled: dict[int, Resampled]
-    visible_after_step: IntArray  # base bars visible once timeline step k has been emitted
-    quote_volume_cum: FloatArray  # prefix sums of close*volume, for the 24h ticker volume
+    resampled: dict[int, Resampled] = field(default_factory=dict)
     visible: int = 0
     observed_at: float | None = None
     ticker: Ticker | None = None
@@ -145,7 +168,7 @@ class ReplayFeed:
         self._half_spread = spread_bps / Decimal(20_000)
         self._signal = UpdateSignal(clock)
         self._data: dict[str, _Symbol] = {}
-        self._timeline: IntArray = np.zeros(0, dtype=np.int64)
+        self._timeline: FloatArray = np.zeros(0, dtype=np.float64)  # bar open times, epoch seconds
         self._cursor = 0
         self._loaded = False
         self._started = False
@@ -181,17 +204,17 @@ class ReplayFeed:
         """Open time (epoch s) of the newest emitted bar: the replay's position in market history."""
         if self._cursor == 0:
             return None
-        return float(self._timeline[self._cursor - 1]) / 1000.0
+        return float(self._timeline[self._cursor - 1])
 
     async def load(self) -> None:
-        """Read and validate every file (in threads) and build the timeline. Idempotent."""
+        """Read and validate every file and build the timeline, off the loop. Idempotent."""
         if self._loaded:
             return
-        symbols = list(self._files)
-        arrays = await asyncio.gather(*(load_candles_async(self._files[s]) for s in symbols))
-        # Merging and resampling ~200k bars takes tens of milliseconds: off the loop too. Nothing
-        # else touches this feed's state until load() returns.
-        await asyncio.to_thread(self._setup, dict(zip(symbols, arrays, strict=True)))
+        # One worker thread reads the files one after another: each parse has its temporaries, and
+        # three at once (a thread each, each with its own malloc arena keeping what it freed) would
+        # add up in the daemon's peak RSS, which is for good. Nothing else touches this feed's state
+        # until load() returns.
+        await asyncio.to_thread(self._load_files)
 
     async def start(self) -> None:
         """Load, make the warm-up history current, and begin emitting on the clock."""
@@ -272,9 +295,14 @@ class ReplayFeed:
             )
         self._cursor += 1
         now = self._clock.now()
+        emitted = float(self._timeline[self._cursor - 1])
         for sym in self._data.values():
-            if int(sym.visible_after_step[self._cursor - 1]) != sym.visible:
-                self._refresh_symbol(sym, now)
+            # Something new for this symbol exactly when its first bar not yet shown is due. Every bar
+            # is on the timeline, so that is normally the bar just emitted, and then one more is
+            # visible; otherwise (stepping without start()) the count is looked up.
+            nxt = sym.visible
+            if nxt < len(sym.base) and (due := float(sym.base.ts[nxt])) <= emitted:
+                self._refresh_symbol(sym, now, nxt + 1 if due == emitted else None)
         self._signal.bump()
         return True
 
@@ -283,7 +311,7 @@ class ReplayFeed:
         a gap is not waited out (one bar interval at most)."""
         interval = float(self._base_seconds)
         if 0 < step < self.total_steps:
-            delta = float(self._timeline[step] - self._timeline[step - 1]) / 1000.0
+            delta = float(self._timeline[step] - self._timeline[step - 1])
             interval = min(delta, interval)
         return interval / self._speed
 
@@ -316,7 +344,7 @@ class ReplayFeed:
     def _missing_bars_before(self, step: int) -> int:
         if step == 0 or step >= self.total_steps:
             return 0
-        delta = int(self._timeline[step] - self._timeline[step - 1])
+        delta = round(float(self._timeline[step] - self._timeline[step - 1]) * 1000)
         return max(0, delta // (self._base_seconds * 1000) - 1)
 
     def _to_base(self, symbol: str, arrays: CandleArrays) -> CandleArrays:
@@ -336,44 +364,40 @@ class ReplayFeed:
             f"{self.base_timeframe} cannot be built from them"
         )
 
-    def _setup(self, raw: dict[str, CandleArrays]) -> None:
+    def _load_files(self) -> None:
+        self._setup({symbol: self._to_base(symbol, load_candles(path)) for symbol, path in self._files.items()})
+
+    def _setup(self, loaded: dict[str, CandleArrays]) -> None:
         base_ms = self._base_seconds * 1000
-        loaded = {symbol: self._to_base(symbol, arrays) for symbol, arrays in raw.items()}
         for symbol, arrays in loaded.items():
             if len(arrays) == 0:
                 raise DependencyError(f"{self._files[symbol]}: no complete {self.base_timeframe} bar")
             gaps = find_gaps(arrays.ts_ms, base_ms)
             log.info(
                 "replay data loaded", symbol=symbol, path=str(self._files[symbol]), bars=len(arrays),
-                first=_iso(arrays.ts_ms[0]), last=_iso(arrays.ts_ms[-1]), gaps=len(gaps),
+                first=_iso(arrays.ts[0]), last=_iso(arrays.ts[-1]), gaps=len(gaps),
                 missing_bars=sum(n for _, n in gaps),
             )
-        self._timeline = np.unique(np.concatenate([a.ts_ms for a in loaded.values()]))
+        self._timeline = merge_timelines([a.ts for a in loaded.values()])
         total = self.total_steps
         start = self._warmup if self._start_cursor is None else self._start_cursor
         self._cursor = min(start, total)
         for symbol, arrays in loaded.items():
-            resampled: dict[int, Resampled] = {}
-            for tf in PRECOMPUTED_TIMEFRAMES:
-                seconds = timeframe_seconds(tf)
-                if seconds > self._base_seconds and seconds % self._base_seconds == 0:
-                    resampled[seconds] = resample(arrays, self._base_seconds, seconds)
-            sym = _Symbol(
-                symbol=symbol,
-                path=self._files[symbol],
-                base=arrays,
-                resampled=resampled,
-                visible_after_step=np.searchsorted(arrays.ts_ms, self._timeline, side="right").astype(
-                    np.int64
-                ),
-                quote_volume_cum=np.concatenate(([0.0], np.cumsum(arrays.close * arrays.volume))),
-            )
-            self._data[symbol] = sym
+            self._data[symbol] = _Symbol(symbol=symbol, path=self._files[symbol], base=arrays)
         self._loaded = True
 
-    def _refresh_symbol(self, sym: _Symbol, now: float) -> None:
-        """Make the symbol's bars up to the cursor current: its ticker and observation time."""
-        visible = int(sym.visible_after_step[self._cursor - 1]) if self._cursor > 0 else 0
+    def _visible_at(self, sym: _Symbol, cursor: int) -> int:
+        """Base bars of `sym` visible once timeline step `cursor` has been emitted (a binary search: a
+        per-step table of these for every symbol would cost 8 bytes per step and symbol)."""
+        if cursor == 0:
+            return 0
+        return int(np.searchsorted(sym.base.ts, self._timeline[cursor - 1], side="right"))
+
+    def _refresh_symbol(self, sym: _Symbol, now: float, visible: int | None = None) -> None:
+        """Make the symbol's bars up to the cursor current (`visible` of them, when the caller knows):
+        its ticker and observation time."""
+        if visible is None:
+            visible = self._visible_at(sym, self._cursor)
         if visible == sym.visible and sym.ticker is not None:
             return
         sym.visible = visible
@@ -386,8 +410,11 @@ class ReplayFeed:
         base = sym.base
         close = Decimal(to_decimal_text(float(base.close[i])))
         # 24h statistics as Binance reports them: the bars that opened in the last 24 hours.
-        lo = int(np.searchsorted(base.ts_ms, int(base.ts_ms[i]) - DAY_MS, side="right"))
-        quote_volume = float(sym.quote_volume_cum[i + 1] - sym.quote_volume_cum[lo])
+        # base.ts[i] - a day is exact (whole seconds, or a float grid the subtraction maps onto itself).
+        lo = int(np.searchsorted(base.ts, base.ts[i] - DAY_SECONDS, side="right"))
+        # At most a day of bars (288 at 5m): summed here rather than from a stored prefix sum over the
+        # whole history, which would cost 8 bytes a bar and lose cents to cancellation.
+        quote_volume = float(np.dot(base.close[lo:i + 1], base.volume[lo:i + 1]))
         first_open = float(base.open[lo])
         change_pct = (float(base.close[i]) - first_open) / first_open * 100.0
         return Ticker(
@@ -401,5 +428,5 @@ class ReplayFeed:
         )
 
 
-def _iso(ts_ms: int | np.int64) -> str:
-    return utc_datetime(int(ts_ms) / 1000.0).strftime("%Y-%m-%d %H:%M")
+def _iso(ts: float | np.float64) -> str:
+    return utc_datetime(float(ts)).strftime("%Y-%m-%d %H:%M")
