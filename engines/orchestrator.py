@@ -313,7 +313,7 @@ class Orchestrator:
             budgets = BudgetRegistry(self.clock, share=s.exchange_weight_share_pct / 100)
             for name in engines:
                 client = CcxtExchange.from_settings(s, MARKET_OF[name], self.clock, budgets=budgets,
-                                                    on_request=self._observe_request(name))
+                                                    on_request=self._request_observer(name))
                 self._add_engine_parts(name, client)
                 await client.load_markets()
                 missing = [sym for sym in self._symbols_of(name) if not self._has_market(client, sym)]
@@ -352,8 +352,10 @@ class Orchestrator:
         wallets[engines[0]] += rest
         return wallets
 
-    def _observe_request(self, engine: str) -> Callable[[str, float, str | None], None]:
+    def _request_observer(self, engine: str) -> Callable[[str, float, str | None], None] | None:
         metrics = self.ops.metrics
+        if metrics is None:
+            return None
 
         def observe(endpoint: str, seconds: float, error_kind: str | None) -> None:
             metrics.observe_request(engine, endpoint, seconds, error_kind)
@@ -507,7 +509,8 @@ class Orchestrator:
             await self._refresh_books()
             await self._update_risk()
             await self._persist_progress()
-            self.ops.metrics.set_orders_by_state(await self._ledger().order_counts_by_state())
+            if self.ops.metrics is not None:
+                self.ops.metrics.set_orders_by_state(await self._ledger().order_counts_by_state())
             self.ops.tick(await self.status())
             if self.clock.monotonic() >= self._next_report:
                 self._next_report = self.clock.monotonic() + STATUS_LOG_SECONDS

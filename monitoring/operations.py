@@ -20,12 +20,12 @@ from core.events import EventBus
 from monitoring.alerts import AlertSender, AlertSettings
 from monitoring.control import Control, StatusReport
 from monitoring.looplag import LoopLagMonitor
-from monitoring.metrics import Metrics
 from monitoring.systemd import SystemdNotifier
 from monitoring.telegram import TelegramBot
 
 if TYPE_CHECKING:
     from monitoring.http import HealthServer
+    from monitoring.metrics import Metrics
 
 log = structlog.get_logger("operations")
 
@@ -38,8 +38,14 @@ class Operations:
         self.bus = bus
         self.notifier = notifier if notifier is not None else SystemdNotifier()
         self.telegram_base_url = telegram_base_url
-        self.metrics = Metrics()
-        self.metrics.watch_bus(bus)
+        # Only /metrics reads these: without the listener (the default) nothing is built or kept up to
+        # date (prometheus_client's registry alone is ~1 MB).
+        self.metrics: Metrics | None = None
+        if settings.http_enabled:
+            from monitoring.metrics import Metrics
+
+            self.metrics = Metrics()
+            self.metrics.watch_bus(bus)
         self.looplag: LoopLagMonitor | None = None
         self.http: HealthServer | None = None
         self.bot: TelegramBot | None = None
@@ -78,6 +84,7 @@ class Operations:
             # (HTTP_ENABLED=false) never listens.
             from monitoring.http import HealthServer
 
+            assert self.metrics is not None  # built with the settings when HTTP is on
             server = HealthServer(control, self.metrics, s.http_host, s.http_port,
                                   warning_seconds=s.health_warning_seconds, clock=self.clock)
             try:
@@ -104,13 +111,17 @@ class Operations:
         """From the supervisor loop only: a frozen loop stops these pings and systemd restarts us."""
         self.notifier.watchdog()
         if report is not None:
-            self.metrics.update_from_status(report)
             states = ", ".join(f"{e.name} {e.state}" for e in report.engines)
             self.notifier.status(f"{report.trading_state.value}: {states}; equity {report.equity:.2f}")
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if report is not None:
+            metrics.update_from_status(report)
         if self.looplag is not None:
-            self.metrics.set_loop_lag(self.looplag.last_lag, self.looplag.episodes)
+            metrics.set_loop_lag(self.looplag.last_lag, self.looplag.episodes)
         if self.alerts is not None:
-            self.metrics.set_alerts_dropped(self.alerts.dropped)
+            metrics.set_alerts_dropped(self.alerts.dropped)
 
     def stopping(self) -> None:
         self.notifier.stopping(status="stopping")
