@@ -188,7 +188,7 @@ class ScriptedFeed:
 STAGES = ("wake", "decide", "sequence", "insert", "send")
 STAGE_HELP = {
     "wake": "update published -> engine.step() entered (wake-up; a position reload after a fill the engine "
-            "did not make)",
+            "did not make, if the one begun while idle has not finished)",
     "decide": "step() -> RiskGate.check() entered (entry: candles, momentum rule, sizing; take-profit: "
               "cancelling the protective stop)",
     "sequence": "gate, allocator, OrderManager.submit's task, the client order id (a ledger commit once "

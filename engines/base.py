@@ -51,9 +51,14 @@ class EngineContext:
     # Bumped whenever a fill changes a position outside the engine's own calls (a protective stop or a
     # resting order filling on the exchange); the engine reloads its positions when it sees it move.
     position_changes: int = 0
+    # Set by the running engine, so that it hears of such a fill at once and reloads while idle rather
+    # than between the next price update and the order it triggers.
+    on_position_change: Callable[[], None] | None = None
 
     def note_position_change(self, _symbol: str = "") -> None:
         self.position_changes += 1
+        if self.on_position_change is not None:
+            self.on_position_change()
 
 
 @dataclass
@@ -84,6 +89,8 @@ class BaseEngine:
         self._feed_version = 0
         self._stale: set[str] = set()
         self._seen_changes = -1
+        self._idle = False  # waiting for the feed, between two steps
+        self._reload: asyncio.Task[None] | None = None
         self.metrics: MetricsReport = report([])
         self._metrics_stale = False
         self._metrics_due = 0.0
@@ -109,15 +116,22 @@ class BaseEngine:
         """The engine's task. Returns when stop() was called; raises on a fault (the supervisor decides)."""
         self._running = True
         self.heartbeat()
+        self.ctx.on_position_change = self._position_changed
         try:
             await self.load_state()
             self.log.info("engine started", positions=len(self.positions))
             while not self._stopping:
                 self.heartbeat()
-                self._feed_version = await self.ctx.feed.wait_update(self._feed_version, self.wait_seconds)
+                self._idle = True
+                try:
+                    self._feed_version = await self.ctx.feed.wait_update(self._feed_version, self.wait_seconds)
+                finally:
+                    self._idle = False
                 if self._stopping:
                     break
                 self.heartbeat()
+                if self._reload is not None:
+                    await self._reload  # a reload begun while idle: the step waits for its answer
                 if self._seen_changes != self.ctx.position_changes:
                     self._seen_changes = self.ctx.position_changes
                     await self.refresh_positions()
@@ -132,7 +146,31 @@ class BaseEngine:
                 self.counters.last_step_at = self.clock.now()
         finally:
             self._running = False
+            if self.ctx.on_position_change == self._position_changed:  # not a successor's
+                self.ctx.on_position_change = None
+            if self._reload is not None:
+                self._reload.cancel()
         self.log.info("engine stopped", steps=self.counters.steps)
+
+    def _position_changed(self) -> None:
+        """A fill the engine did not make changed its positions: reload now if the engine is idle, so the
+        next price update finds them current; during a step the loop reloads before the next one."""
+        if self._idle and self._reload is None:
+            self._reload = asyncio.ensure_future(self._reload_positions())
+
+    async def _reload_positions(self) -> None:
+        done = False
+        try:
+            while self._seen_changes != self.ctx.position_changes:
+                self._seen_changes = self.ctx.position_changes
+                await self.refresh_positions()
+            done = True
+        except Exception:
+            pass  # start() reloads before the next step and meets the error itself
+        finally:
+            self._reload = None
+            if not done:
+                self._seen_changes = -1  # whatever stopped this reload, the positions are not current
 
     def stop(self) -> None:
         """Ask the loop to finish its current step and return."""

@@ -241,7 +241,12 @@ class SpotEngine(BaseEngine):
             return [o for o in orders
                     if o.symbol == symbol and o.order_type is OrderType.STOP_MARKET and o.side is Side.SELL]
 
-        for order in stops(await self.ctx.ledger.orders_in_states(_UNSETTLED, engine=self.ctx.name)):
+        # One read for both kinds: a take-profit waits on this, and an unsettled stop is rare.
+        found = stops(await self.ctx.ledger.orders_in_states((*_UNSETTLED, *_LIVE), engine=self.ctx.name))
+        unsettled = [o for o in found if o.state in _UNSETTLED]
+        if not unsettled:
+            return found
+        for order in unsettled:
             await self.ctx.orders.resolve_unknown(order)
         return stops(await self.ctx.ledger.orders_in_states(_LIVE, engine=self.ctx.name))
 
@@ -353,7 +358,9 @@ class SpotEngine(BaseEngine):
         """Before the engine sells, the exchange's stops must be gone, or both could sell the same coins.
         A stop-loss is left to the exchange's own stop order; a take-profit cancels every resting stop of
         the symbol first. Returns True when the engine may sell now."""
-        if await self._live_stop(position) is not None and reason == "stop-loss":
+        # The reason first: a take-profit cancels every resting stop anyway, so it need not look up
+        # (or adopt) the position's own before doing so.
+        if reason == "stop-loss" and await self._live_stop(position) is not None:
             return False
         return await self._cancel_stops(position.symbol)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from decimal import Decimal, localcontext
+from decimal import Context, Decimal, localcontext
 from typing import TYPE_CHECKING
 
 import structlog
@@ -42,6 +42,10 @@ log = structlog.get_logger("paper")
 # Money arithmetic here must be exact: a product of an 8-decimal amount, a price and a fee rate can
 # exceed the default 28 significant digits, and a rounded sum would let restore() drift from live.
 _PRECISION = 60
+# The same precision as a context of its own, for the order path: calling its methods gives exactly
+# what `with localcontext(prec=_PRECISION)` gives (the default context otherwise, which nothing here
+# changes) without building and entering a fresh context per operation (~0.7 us each, 5-6 per fill).
+_EXACT = Context(prec=_PRECISION)
 
 FillCallback = Callable[[OrderUpdate], None]
 
@@ -56,36 +60,35 @@ def _split_symbol(symbol: str) -> tuple[str, str]:
 
 def spot_fill_deltas(fill: Fill, base: str, quote: str) -> dict[str, Decimal]:
     """How one spot fill changes each asset's total balance. The fee is paid in `fill.fee_asset`."""
-    with localcontext(prec=_PRECISION):
-        notional = fill.amount * fill.price
-        deltas: dict[str, Decimal] = {base: ZERO, quote: ZERO}
-        if fill.side is Side.BUY:
-            deltas[base] += fill.amount
-            deltas[quote] -= notional
-        else:
-            deltas[base] -= fill.amount
-            deltas[quote] += notional
-        deltas[fill.fee_asset] = deltas.get(fill.fee_asset, ZERO) - fill.fee
+    notional = _EXACT.multiply(fill.amount, fill.price)
+    deltas: dict[str, Decimal] = {base: ZERO, quote: ZERO}
+    if fill.side is Side.BUY:
+        deltas[base] = _EXACT.add(deltas[base], fill.amount)
+        deltas[quote] = _EXACT.subtract(deltas[quote], notional)
+    else:
+        deltas[base] = _EXACT.subtract(deltas[base], fill.amount)
+        deltas[quote] = _EXACT.add(deltas[quote], notional)
+    deltas[fill.fee_asset] = _EXACT.subtract(deltas.get(fill.fee_asset, ZERO), fill.fee)
     return deltas
 
 
 def apply_fill(balances: dict[str, Decimal], fill: Fill, base: str, quote: str) -> None:
     """The one place a fill moves money, used by live fills and by restore() alike."""
-    with localcontext(prec=_PRECISION):
-        for asset, delta in spot_fill_deltas(fill, base, quote).items():
-            balances[asset] = balances.get(asset, ZERO) + delta
+    for asset, delta in spot_fill_deltas(fill, base, quote).items():
+        balances[asset] = _EXACT.add(balances.get(asset, ZERO), delta)
 
 
 def taker_price(side: Side, ticker: Ticker, slippage: Decimal, price_step: Decimal) -> Decimal:
     """What a market order pays: the far side of the book, moved against us by the fixed slippage."""
-    with localcontext(prec=_PRECISION):
-        raw = ticker.ask * (1 + slippage) if side is Side.BUY else ticker.bid * (1 - slippage)
+    if side is Side.BUY:
+        raw = _EXACT.multiply(ticker.ask, _EXACT.add(1, slippage))
+    else:
+        raw = _EXACT.multiply(ticker.bid, _EXACT.subtract(1, slippage))
     return quantize_price(raw, price_step)
 
 
 def fee_for(amount: Decimal, price: Decimal, fee_pct: Decimal) -> Decimal:
-    with localcontext(prec=_PRECISION):
-        return amount * price * fee_pct / 100
+    return _EXACT.divide(_EXACT.multiply(_EXACT.multiply(amount, price), fee_pct), 100)
 
 
 @dataclass(slots=True)
@@ -111,8 +114,10 @@ class _PaperOrder:
         filled = self.filled
         avg: Decimal | None = None
         if filled > 0:
-            with localcontext(prec=_PRECISION):
-                avg = sum((f.amount * f.price for f in self.fills), ZERO) / filled
+            value = ZERO
+            for f in self.fills:
+                value = _EXACT.add(value, _EXACT.multiply(f.amount, f.price))
+            avg = _EXACT.divide(value, filled)
         return OrderUpdate(
             client_order_id=self.request.client_order_id,
             exchange_order_id=self.exchange_order_id,
@@ -443,6 +448,8 @@ class PaperExchange:
                 f"amount {request.amount} rounds to {amount}, below the minimum {info.min_amount} "
                 f"for {info.symbol}"
             )
+        if price is request.price and stop is request.stop_price and str(amount) == str(request.amount):
+            return request  # already on the market's steps, as the engines send them (replace() is slow)
         return replace(request, amount=amount, price=price, stop_price=stop)
 
     @staticmethod
