@@ -54,7 +54,7 @@ async def main() -> None:
         t0 = time.perf_counter()
         await feed.load()
         loads.append(time.perf_counter() - t0)
-    print(f"load {len(files)} files (validate, merge, resample 15m..1d): median {statistics.median(loads):.3f} s")
+    print(f"load {len(files)} files (read, validate, merge): median {statistics.median(loads):.3f} s")
     await feed.start()
     sym = "BTC/USDT"
     for tf, limit in (("5m", 500), ("1h", 500), ("4h", 200)):

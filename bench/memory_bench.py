@@ -10,7 +10,7 @@ the final VmHWM is read and SIGINT stops the daemon (exit 0 expected).
 
 The bare figure is a fresh interpreter that imports the five live-mode libraries, ccxt.async_support,
 telegram.ext, pandas (which brings numpy), structlog and pydantic_settings, and then waits: the daemon
-imports exactly these (scipy, once imported too, is lazy and must stay unloaded; the bench says so
+imports exactly these (scipy, which the project no longer uses, must stay unloaded; the bench says so
 if it is not).
 
 Like with like: the libraries load from the bytecode pip compiled at install, while the project has
