@@ -165,8 +165,10 @@ class BaseEngine:
                 self._seen_changes = self.ctx.position_changes
                 await self.refresh_positions()
             done = True
-        except Exception:
-            pass  # start() reloads before the next step and meets the error itself
+        except Exception as exc:
+            # start() reloads before the next step and meets the error itself; logged here too, in
+            # case it has cleared by then.
+            self.log.warning("idle position reload failed; the next step reloads", error=repr(exc))
         finally:
             self._reload = None
             if not done:

@@ -737,18 +737,22 @@ class Orchestrator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._flush_journal()
-        for feed in {id(f): f for f in self.feeds.values()}.values():
-            await feed.stop()
-        for part in self.parts.values():
-            await part.exchange.close()
-        orphans = [t for t in self._engine_tasks if not t.done()]
-        if orphans:
-            log.error("engine tasks still running at exit", tasks=[t.get_name() for t in orphans])
-        if self.ledger is not None:
-            await self.ledger.close()
-        if self._lock_file is not None:
-            self._lock_file.close()
+        try:
+            await self._flush_journal()
+            for feed in {id(f): f for f in self.feeds.values()}.values():
+                await _quietly(feed.stop(), "feed stop")
+            for part in self.parts.values():
+                await _quietly(part.exchange.close(), "exchange close")
+            orphans = [t for t in self._engine_tasks if not t.done()]
+            if orphans:
+                log.error("engine tasks still running at exit", tasks=[t.get_name() for t in orphans])
+        finally:
+            # Whatever went wrong above, the ledger is closed (its queued writes committed, the WAL
+            # checkpointed) and the DATA_DIR lock released.
+            if self.ledger is not None:
+                await self.ledger.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
         log.info("stopped")
 
     def _log_engine_status(self) -> None:
@@ -943,3 +947,11 @@ class Orchestrator:
         remaining = len(await self._ledger().positions())
         state = "flattened" if remaining == 0 else f"{remaining} positions still closing"
         return CommandResult(True, f"HALTED: orders canceled, positions {state}; /resume all to trade again")
+
+
+async def _quietly(step: Awaitable[object], what: str) -> None:
+    """One shutdown step whose failure must not keep the later ones (closing the ledger) from running."""
+    try:
+        await step
+    except Exception as exc:
+        log.error("shutdown step failed; going on", step=what, error=repr(exc))

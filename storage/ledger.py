@@ -16,6 +16,7 @@ so that slow work never lands on a commit in the order path (see `_Checkpointer`
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import enum
@@ -441,8 +442,10 @@ class _LedgerThread:
     one-worker ThreadPoolExecutor did the same with a concurrent Future, a work item and
     `wrap_future`'s chaining and state copy on top: about a quarter of every ledger round trip
     (measured p50 37 -> 27 us for an empty call), and the order path makes one to four of them.
-    A daemon thread, so a ledger nobody closed cannot hold the interpreter at exit; SQLite's WAL
-    makes an interrupted transaction as harmless as a crash.
+    A daemon thread, so a ledger nobody closed cannot hold the interpreter at exit forever; but an
+    exit hook lets it finish what was queued first (bounded by EXIT_DRAIN_SECONDS), so a write whose
+    caller was cancelled on the way out (shutdown cut short) still commits, as it would have on an
+    executor's worker.
     """
 
     def __init__(self, name: str, checkpointer: _Checkpointer | None = None) -> None:
@@ -450,6 +453,12 @@ class _LedgerThread:
         self._checkpointer = checkpointer
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
+        atexit.register(self._drain_at_exit)
+
+    def _drain_at_exit(self) -> None:
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join(EXIT_DRAIN_SECONDS)
 
     def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Queue `fn(*args)`; the future resolves on the caller's loop. Cancelling the future does
@@ -465,6 +474,7 @@ class _LedgerThread:
 
     def stop(self) -> None:
         """The thread ends after every call queued before this one."""
+        atexit.unregister(self._drain_at_exit)
         self._calls.put(None)
 
     def _next(self) -> _Call | None:
@@ -489,8 +499,10 @@ class _LedgerThread:
                         exc = RuntimeError(f"ledger call raised {exc!r}")
                     _deliver(loop, _fail, future, exc)
                 else:
-                    log.warning("ledger background call failed", call=getattr(fn, "__name__", repr(fn)),
-                                error=repr(exc))
+                    # Nothing may end this loop but the stop marker: every later call would wait for ever.
+                    with contextlib.suppress(Exception):
+                        log.warning("ledger background call failed", call=getattr(fn, "__name__", repr(fn)),
+                                    error=repr(exc))
             else:
                 if loop is not None and future is not None:
                     _deliver(loop, _succeed, future, result)
@@ -503,6 +515,8 @@ class _LedgerThread:
 # writes apart here, so a few percent of all orders). Checkpointing well before that mark from
 # another connection means the commit never has to.
 CHECKPOINT_EVERY_WRITES = 64
+# At interpreter exit, how long the ledger thread may take to finish the calls already queued.
+EXIT_DRAIN_SECONDS = 10.0
 # How long the ledger thread must have had nothing to do before a due checkpoint starts.
 IDLE_SECONDS = 0.0005
 
@@ -582,12 +596,14 @@ class _Checkpointer:
 
     def _serve(self) -> None:
         conn: sqlite3.Connection | None = None
+        failures = 0
         try:
             while True:
                 self._go.wait()
                 self._go.clear()
                 if self._stopping:
                     return
+                complete = False
                 try:
                     if conn is None:
                         conn = sqlite3.connect(self._path, isolation_level=None)
@@ -596,13 +612,25 @@ class _Checkpointer:
                     ((busy, frames, copied),) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.runs += 1
                     complete = not busy and frames == copied
+                    if failures:
+                        log.info("background WAL checkpoint works again", path=str(self._path), failures=failures)
+                        failures = 0
+                except Exception as exc:
+                    # One failure (a locked or busy file, an I/O hiccup) must not end the upkeep for the
+                    # process's life: drop the connection and try again after the next round of writes.
+                    # SQLite's own autocheckpoint still bounds the WAL meanwhile.
+                    failures += 1
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            conn.close()
+                        conn = None
+                    if failures == 1 or failures % 100 == 0:
+                        log.warning("background WAL checkpoint failed; retried after the next writes",
+                                    path=str(self._path), error=str(exc), failures=failures)
                 finally:
                     self._running = False
                 if self.report is not None and not self._stopping:
                     self.report(complete)
-        except Exception as exc:
-            log.warning("background WAL checkpoint failed; SQLite's own checkpoint takes over",
-                        path=str(self._path), error=str(exc))
         finally:
             if conn is not None:
                 conn.close()

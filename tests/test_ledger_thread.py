@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -167,3 +168,68 @@ async def test_a_reader_holding_an_old_snapshot_does_not_make_it_spin(
     for i in range(5):
         await ledger.set_state("k", {"i": i})
     await wait_until(lambda: checkpointer.runs >= 2, "the next round's checkpoint")
+
+
+async def test_a_failed_checkpoint_does_not_end_the_upkeep(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transient failure (here: the checkpointer cannot connect once) is retried after the next round
+    of writes instead of switching the background checkpoints off for the process's life."""
+    monkeypatch.setattr(ledger_module, "CHECKPOINT_EVERY_WRITES", 5)
+    real_connect = sqlite3.connect
+    failures = [1]
+
+    def flaky_connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        if threading.current_thread().name == "ledger-checkpoint" and failures[0] > 0:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("database is locked (test)")
+        return real_connect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger_module.sqlite3, "connect", flaky_connect)
+    checkpointer = ledger._checkpointer
+    for i in range(5):
+        await ledger.set_state("k", {"i": i})
+    await wait_until(lambda: failures[0] == 0 and not checkpointer._running, "the failed checkpoint")
+    assert checkpointer.runs == 0
+    for i in range(5):
+        await ledger.set_state("k", {"i": 5 + i})
+    await wait_until(lambda: checkpointer.runs >= 1, "a checkpoint after the failure")
+
+
+EXIT_SCRIPT = """
+import asyncio, sys, time
+from pathlib import Path
+from core.clock import SimClock
+from storage.ledger import Ledger
+
+async def main() -> None:
+    ledger = await Ledger.open(Path(sys.argv[1]), SimClock(1_700_000_000.0))
+    ledger._thread.call_soon(time.sleep, 0.5)  # the ledger thread is busy when the process exits
+    write = asyncio.ensure_future(ledger.set_state("last", {"written": True}))
+    await asyncio.sleep(0.01)
+    write.cancel()  # a shutdown cut short: the caller is gone, its write is queued
+    # returns without closing the ledger
+
+asyncio.run(main())
+"""
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_a_write_queued_when_the_process_exits_still_commits(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    root = ROOT
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", EXIT_SCRIPT, str(path), cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+
+    def read() -> object:
+        conn = sqlite3.connect(path)
+        try:
+            return conn.execute("SELECT value FROM state WHERE key = 'last'").fetchone()
+        finally:
+            conn.close()
+
+    assert await asyncio.to_thread(read) is not None, "the queued write was lost at exit"

@@ -165,3 +165,20 @@ async def test_both_engines_trade_the_replay_and_futures_exits_are_reduce_only(t
             assert order is None or order.reduce_only, order
         positions = await ledger.positions("futures")
         assert all(p.leverage >= 1 for p in positions)
+
+
+async def test_a_failing_shutdown_step_still_closes_the_ledger(tmp_path: Path) -> None:
+    """An exchange whose close raises must not keep the ledger from being closed (its queued writes
+    committed, the WAL checkpointed) nor the DATA_DIR lock from being released."""
+    orch = make(tmp_path)
+    async with running(orch):
+        for part in orch.parts.values():
+            async def broken_close() -> None:
+                raise RuntimeError("connector already gone (test)")
+
+            part.exchange.close = broken_close  # type: ignore[method-assign]
+        ledger = orch.ledger
+        assert ledger is not None
+    assert ledger.closed
+    async with running(make(tmp_path)) as again:  # the lock was released: a new daemon starts
+        assert again.ledger is not None

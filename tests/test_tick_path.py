@@ -42,12 +42,14 @@ class BlockingFeed:
         return self.version
 
 
-async def turn_until(predicate: Any, what: str, turns: int = 2000) -> None:
+async def turn_until(predicate: Any, what: str, turns: int = 5000) -> None:
+    """Bounded wait for work that crosses the ledger thread: loop turns of up to 1 ms each (a loaded
+    machine can take far more than a bare loop turn to answer), at most about 5 s."""
     for _ in range(turns):
         if predicate():
             return
-        await asyncio.sleep(0)
-    raise AssertionError(f"not within {turns} loop turns: {what}")
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"not within {turns} turns of 1 ms: {what}")
 
 
 async def test_a_fill_while_idle_is_reloaded_before_the_next_price_update(rig: Rig) -> None:
