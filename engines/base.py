@@ -18,8 +18,9 @@ import structlog
 
 from config import Settings
 from core.clock import Clock
+from core.errors import DependencyError, TemporaryError
 from core.events import DataStale, EventBus, OrderDenied
-from core.types import ZERO, CandleSeries, OrderIntent, OrderState, Position, Ticker
+from core.types import ZERO, CandleSeries, Order, OrderIntent, OrderState, Position, Ticker
 from engines.trade_metrics import MetricsReport, load_report, report
 from exchange.base import Exchange, MarketFeed, quantize_down
 from exchange.orders import OrderManager, SubmitResult
@@ -240,6 +241,19 @@ class BaseEngine:
         return False
 
     # --- trading ---------------------------------------------------------------------------------
+    async def cancel_stop(self, order: Order) -> Order | None:
+        """Cancel one protective stop under the trade lock (so no exit of the engine's own runs beside
+        it). Returns the order as the exchange settled it (cancelled, filled, never placed), or None when
+        the exchange did not answer: the stop may still rest there, and the caller retries later."""
+        try:
+            async with self.ctx.trade_lock:
+                result = await self.ctx.orders.cancel(order)
+        except (TimeoutError, TemporaryError, DependencyError) as exc:
+            self.log.warning("protective stop not cancelled: will retry", symbol=order.symbol,
+                             client_order_id=order.client_order_id, error=str(exc) or type(exc).__name__)
+            return None
+        return result.order
+
     async def trade(self, intent: OrderIntent) -> SubmitResult | None:
         """Gate, reserve, send, release. Returns None when the gate denied the intent.
 

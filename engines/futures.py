@@ -708,22 +708,18 @@ class FuturesEngine(BaseEngine):
         for order in await self._resting_stops(symbol):
             if order.client_order_id == keep:
                 continue
-            try:
-                async with self.ctx.trade_lock:
-                    result = await self.ctx.orders.cancel(order)
-            except (TimeoutError, TemporaryError, DependencyError) as exc:
+            settled = await self.cancel_stop(order)
+            if settled is None:
                 all_gone = False
-                self.log.warning("protective stop not cancelled: will retry", symbol=symbol,
-                                 client_order_id=order.client_order_id, error=str(exc) or type(exc).__name__)
                 continue
-            state = result.order.state
-            if result.order.filled > 0:
+            state = settled.state
+            if settled.filled > 0:
                 filled = True
             if state in _LIVE or state in (OrderState.PENDING, OrderState.UNKNOWN):
                 all_gone = False
             self.log.info("protective stop cancelled" if state is OrderState.CANCELED else
                           "protective stop not cancelled", symbol=symbol,
-                          client_order_id=order.client_order_id, state=str(state), filled=str(result.order.filled))
+                          client_order_id=order.client_order_id, state=str(state), filled=str(settled.filled))
         return all_gone, filled
 
     async def _clear_protective_stops(self, position: Position) -> bool:

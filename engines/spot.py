@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from decimal import Decimal
 
-from core.errors import DependencyError, TemporaryError
 from core.types import (
     ZERO,
     MarketType,
@@ -276,21 +275,16 @@ class SpotEngine(BaseEngine):
         reloaded and nothing is sold again)."""
         all_gone = True
         for order in await self._resting_stops(symbol):
-            try:
-                async with self.ctx.trade_lock:
-                    result = await self.ctx.orders.cancel(order)
-            except (TimeoutError, TemporaryError, DependencyError) as exc:
+            settled = await self.cancel_stop(order)
+            if settled is None:
                 all_gone = False
-                self.log.warning("protective stop not cancelled: will retry", symbol=symbol,
-                                 client_order_id=order.client_order_id, error=str(exc) or type(exc).__name__)
                 continue
-            state = result.order.state
             # REJECTED: the exchange never had it (an unknown send settled as never placed).
-            if state not in (OrderState.CANCELED, OrderState.REJECTED) or result.order.filled > 0:
+            if settled.state not in (OrderState.CANCELED, OrderState.REJECTED) or settled.filled > 0:
                 all_gone = False
                 self.log.info("protective stop not cancelled", symbol=symbol,
-                              client_order_id=order.client_order_id, state=str(state),
-                              filled=str(result.order.filled))
+                              client_order_id=order.client_order_id, state=str(settled.state),
+                              filled=str(settled.filled))
         if not all_gone:
             await self.refresh_positions()
         return all_gone
