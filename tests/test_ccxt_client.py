@@ -8,14 +8,13 @@ their first order, stops are sent in the form the symbol supports, and nothing n
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import random
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pytest
@@ -28,24 +27,13 @@ from exchange.base import OrderRequest
 from exchange.ccxt_client import CcxtExchange
 from exchange.errors import SendOutcomeUnknown
 from exchange.ratelimit import BudgetRegistry, WeightBudget
+from tests.bounded import bounded
 from tests.fakes.binance import API_KEY, API_SECRET, FakeBinance
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 Make = Callable[..., Awaitable[CcxtExchange]]
 
 SPOT, FUT = MarketType.SPOT, MarketType.FUTURES
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def bounded(seconds: float) -> Callable[[F], F]:
-    """Fail a test that runs longer than `seconds` instead of hanging the suite."""
-    def deco(fn: F) -> F:
-        @functools.wraps(fn)
-        async def run(*args: Any, **kwargs: Any) -> Any:
-            async with asyncio.timeout(seconds):
-                return await fn(*args, **kwargs)
-        return run  # type: ignore[return-value]
-    return deco
 
 
 @pytest.fixture

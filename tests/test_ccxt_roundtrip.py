@@ -10,11 +10,10 @@ fees), and the weight budget's no-wait path.
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import ccxt.async_support as ccxt
@@ -26,24 +25,13 @@ from exchange.base import OrderRequest
 from exchange.ccxt_client import CcxtExchange
 from exchange.errors import MalformedResponse
 from exchange.ratelimit import WeightBudget
+from tests.bounded import bounded
 from tests.fakes.binance import API_KEY, API_SECRET, FakeBinance
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 SPOT, FUT = MarketType.SPOT, MarketType.FUTURES
 SYMBOL = {SPOT: "BTC/USDT", FUT: "BTC/USDT:USDT"}
 # Signed-request bookkeeping and the ids that differ between the two clients by construction.
 VOLATILE = {"timestamp", "signature", "recvWindow", "newClientOrderId", "origClientOrderId", "orderId"}
-
-
-def bounded(seconds: float) -> Callable[[F], F]:
-    """Fail a test that runs longer than `seconds` instead of hanging the suite."""
-    def deco(fn: F) -> F:
-        @functools.wraps(fn)
-        async def run(*args: Any, **kwargs: Any) -> Any:
-            async with asyncio.timeout(seconds):
-                return await fn(*args, **kwargs)
-        return run  # type: ignore[return-value]
-    return deco
 
 
 @pytest.fixture

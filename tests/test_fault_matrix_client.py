@@ -9,11 +9,10 @@ client id, never sent twice.
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import ccxt.async_support as ccxt
@@ -39,24 +38,13 @@ from exchange.errors import (
     SendOutcomeUnknown,
     translate,
 )
+from tests.bounded import bounded
 from tests.fakes.binance import API_KEY, API_SECRET, FakeBinance
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 Make = Callable[..., Awaitable[CcxtExchange]]
 
 SPOT, FUT = MarketType.SPOT, MarketType.FUTURES
 TIMEOUT = 0.5  # the client's per-request timeout in these tests; injected delays are longer
-
-
-def bounded(seconds: float) -> Callable[[F], F]:
-    """Fail a test that runs longer than `seconds` instead of hanging the suite."""
-    def deco(fn: F) -> F:
-        @functools.wraps(fn)
-        async def run(*args: Any, **kwargs: Any) -> Any:
-            async with asyncio.timeout(seconds):
-                return await fn(*args, **kwargs)
-        return run  # type: ignore[return-value]
-    return deco
 
 
 @pytest.fixture
