@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -241,18 +241,35 @@ class BaseEngine:
         return False
 
     # --- trading ---------------------------------------------------------------------------------
-    async def cancel_stop(self, order: Order) -> Order | None:
+    async def cancel_stop(self, order: Order, records: list[Awaitable[object]] | None = None) -> Order | None:
         """Cancel one protective stop under the trade lock (so no exit of the engine's own runs beside
         it). Returns the order as the exchange settled it (cancelled, filled, never placed), or None when
-        the exchange did not answer: the stop may still rest there, and the caller retries later."""
+        the exchange did not answer: the stop may still rest there, and the caller retries later.
+
+        With `records`, a plain cancel's ledger write is left running and appended there for the caller
+        to await (`OrderManager.cancel(defer_record=True)`): the exit that follows writes its own order
+        row behind it instead of waiting for it first."""
         try:
             async with self.ctx.trade_lock:
-                result = await self.ctx.orders.cancel(order)
+                result = await self.ctx.orders.cancel(order, defer_record=records is not None)
         except (TimeoutError, TemporaryError, DependencyError) as exc:
             self.log.warning("protective stop not cancelled: will retry", symbol=order.symbol,
                              client_order_id=order.client_order_id, error=str(exc) or type(exc).__name__)
             return None
+        if records is not None and result.recorded is not None:
+            records.append(result.recorded)
         return result.order
+
+    @staticmethod
+    async def await_records(records: list[Awaitable[object]]) -> None:
+        """Wait for every deferred ledger write (see `cancel_stop`), all of them even when one fails;
+        the first failure is raised."""
+        if not records:
+            return
+        outcomes = await asyncio.gather(*records, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def trade(self, intent: OrderIntent) -> SubmitResult | None:
         """Gate, reserve, send, release. Returns None when the gate denied the intent.

@@ -8,6 +8,7 @@ fresh data and a newly closed candle (or the scan interval passing without one).
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from decimal import Decimal
 
 from core.types import (
@@ -145,8 +146,16 @@ class SpotEngine(BaseEngine):
         reason = self.exit_reason(position, ticker.bid)
         if reason is None:
             return
-        if not await self._clear_protective_stop(position, reason):
-            return
+        # The cancelled stops' ledger writes run behind the exit's own order row (see cancel_stop) and
+        # are waited for once the exit has gone out, whatever happened to it.
+        records: list[Awaitable[object]] = []
+        try:
+            if await self._clear_protective_stop(position, reason, records):
+                await self._exit(position, reason)
+        finally:
+            await self.await_records(records)
+
+    async def _exit(self, position: Position, reason: str) -> None:
         market = self.ctx.exchange.market(position.symbol)
         amount = quantize_down(position.amount, market.amount_step)
         if amount <= 0:
@@ -269,13 +278,13 @@ class SpotEngine(BaseEngine):
                          client_order_id=adopted.client_order_id, was=cid or None)
         return adopted
 
-    async def _cancel_stops(self, symbol: str) -> bool:
+    async def _cancel_stops(self, symbol: str, records: list[Awaitable[object]] | None = None) -> bool:
         """Cancel every resting stop of the symbol. True when none is left; False when one could not be
         cancelled (no answer: retried at the next step) or had filled (the exchange sold: positions are
-        reloaded and nothing is sold again)."""
+        reloaded and nothing is sold again). `records`: see `cancel_stop`."""
         all_gone = True
         for order in await self._resting_stops(symbol):
-            settled = await self.cancel_stop(order)
+            settled = await self.cancel_stop(order, records)
             if settled is None:
                 all_gone = False
                 continue
@@ -348,7 +357,8 @@ class SpotEngine(BaseEngine):
         self.log.info("protective stop placed", symbol=symbol, stop_price=str(position.stop_loss),
                       amount=str(amount), client_order_id=result.order.client_order_id)
 
-    async def _clear_protective_stop(self, position: Position, reason: str) -> bool:
+    async def _clear_protective_stop(self, position: Position, reason: str,
+                                     records: list[Awaitable[object]]) -> bool:
         """Before the engine sells, the exchange's stops must be gone, or both could sell the same coins.
         A stop-loss is left to the exchange's own stop order; a take-profit cancels every resting stop of
         the symbol first. Returns True when the engine may sell now."""
@@ -356,7 +366,7 @@ class SpotEngine(BaseEngine):
         # (or adopt) the position's own before doing so.
         if reason == "stop-loss" and await self._live_stop(position) is not None:
             return False
-        return await self._cancel_stops(position.symbol)
+        return await self._cancel_stops(position.symbol, records)
 
     async def _set_exit_levels(self, position: Position) -> None:
         market = self.ctx.exchange.market(position.symbol)

@@ -132,6 +132,9 @@ class SubmitResult:
     update: OrderUpdate | None
     outcomes: tuple[FillOutcome, ...] = ()
     error: str | None = None
+    # A cancel asked to `defer_record`: the ledger write of its outcome, still running. The caller
+    # awaits it (it raises what the write raised).
+    recorded: asyncio.Future[SubmitResult] | None = None
 
     @property
     def filled(self) -> Decimal:
@@ -169,6 +172,7 @@ class OrderManager:
         self.on_wait: Callable[[], None] | None = None
         self.max_resolve_seconds = max(4 * unknown_grace_seconds, 120.0)
         self._inflight: set[asyncio.Task[SubmitResult]] = set()
+        self._recording: set[asyncio.Task[SubmitResult]] = set()
         self._seq_next = 0
         self._seq_end = 0
 
@@ -197,11 +201,11 @@ class OrderManager:
 
     async def drain(self, timeout: float) -> bool:
         """Wait (bounded) for sends whose callers were cancelled; True when none is left."""
-        if not self._inflight:
+        if not self._inflight and not self._recording:
             return True
         with contextlib.suppress(TimeoutError):
-            await self.clock.wait_for(asyncio.wait(set(self._inflight)), timeout)
-        return not self._inflight
+            await self.clock.wait_for(asyncio.wait({*self._inflight, *self._recording}), timeout)
+        return not self._inflight and not self._recording
 
     async def _submit(self, intent: OrderIntent) -> SubmitResult:
         now = self.clock.now()
@@ -413,16 +417,35 @@ class OrderManager:
             await self.clock.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def cancel(self, order: Order) -> SubmitResult:
+    async def cancel(self, order: Order, *, defer_record: bool = False) -> SubmitResult:
         """Cancel by client order id. Binance answers "unknown order" for an order that already filled,
-        so a not-found cancel is settled by asking for the order, never by assuming it was cancelled."""
+        so a not-found cancel is settled by asking for the order, never by assuming it was cancelled.
+
+        `defer_record`: a plain cancel (no fills) returns once the exchange has answered, with its
+        ledger write still running in `result.recorded`, which the caller must await. A take-profit
+        cancels the position's stop and then sells: the sell's own order row is written right after,
+        on the same ledger thread, so waiting for the cancel's row first would only add a second trip
+        to the ledger before the sell goes out. Nothing depends on that row before then: the engine
+        decides from the exchange's answer, and a crash in between leaves an order the ledger still
+        thinks open, which reconciliation settles by asking the exchange. Fills are always recorded
+        before returning."""
         try:
             update = await self.clock.wait_for(
                 self.exchange.cancel_order(order.symbol, order.client_order_id), self.send_timeout
             )
         except OrderNotFound:
             return await self.resolve_unknown(order)
-        return await self.apply_update(order, update)
+        if not defer_record or update.fills:
+            return await self.apply_update(order, update)
+        task = asyncio.ensure_future(self.apply_update(order, update))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+        # The caller's copy shows the outcome at once (apply_update sets the same fields when it runs).
+        order.state = update.state
+        order.filled = update.filled
+        order.avg_price = update.avg_price
+        order.exchange_order_id = update.exchange_order_id
+        return SubmitResult(order=order, update=update, recorded=task)
 
     async def poll_open_orders(self) -> int:
         """Ask the exchange about every order the ledger holds open (protective stops, resting entries)

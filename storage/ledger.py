@@ -11,6 +11,14 @@ were made, with no locking. WAL with synchronous=NORMAL survives a process crash
 transaction is in the WAL file, which the OS keeps); FULL adds an fsync per commit for power loss.
 A second thread, with a connection of its own, copies the WAL back into the file in the background,
 so that slow work never lands on a commit in the order path (see `_Checkpointer`).
+
+The open positions and the orders still in play (pending, unknown, open, partly filled) are also kept
+in memory (`_Mirror`), so the reads an engine makes between a price update and its order (its
+positions, its resting stops) need no trip to the ledger thread. The ledger thread rebuilds the
+mirror's touched rows from the database inside each write's transaction and publishes the new mirror
+right after the commit, before the writer hears back: a caller always reads its own writes, and the
+mirror only ever shows what is committed. This process is the ledger's only writer (the DATA_DIR
+lock), so nothing else can change those rows behind it.
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ Synchronous = Literal["NORMAL", "FULL"]
 # exchange's precision, and a position's last reduction takes its remaining cost exactly, so a round
 # trip's realized P&L is its cash P&L.
 _MONEY = Context(prec=40)
+
+
+# Orders that may still change on the exchange; every other state is final. These are the mirrored ones.
+IN_PLAY = frozenset({OrderState.PENDING, OrderState.UNKNOWN, OrderState.OPEN, OrderState.PARTIALLY_FILLED})
 
 
 class _Unset(enum.Enum):
@@ -369,6 +381,36 @@ def _trade_from(row: sqlite3.Row) -> ClosedTrade:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Mirror:
+    """Committed open positions and in-play orders. Built on the ledger thread and replaced whole,
+    never changed in place: the loop thread reads whichever one is current without a lock, and hands
+    out copies, since callers change the objects they get."""
+
+    positions: dict[tuple[str, str], Position]  # (engine, symbol)
+    orders: dict[str, tuple[float, int, Order]]  # client order id -> (created_at, rowid, order)
+
+
+def _copy_position(p: Position) -> Position:
+    return Position(p.engine, p.market, p.symbol, p.side, p.amount, p.entry_price, p.opened_at, p.leverage,
+                    p.realized_pnl, p.fees, p.stop_loss, p.take_profit, dict(p.meta))
+
+
+def _copy_order(o: Order) -> Order:
+    return Order(o.client_order_id, o.engine, o.market, o.symbol, o.side, o.order_type, o.amount, o.price,
+                 o.stop_price, o.reduce_only, o.state, o.created_at, o.updated_at, o.filled, o.avg_price,
+                 o.exchange_order_id, o.leverage, o.reason)
+
+
+def _load_mirror(conn: sqlite3.Connection) -> _Mirror:
+    positions = {(r["engine"], r["symbol"]): _book_from(r).position()
+                 for r in conn.execute("SELECT * FROM positions")}
+    states = sorted(str(s) for s in IN_PLAY)
+    rows = conn.execute(f"SELECT rowid, * FROM orders WHERE state IN ({', '.join('?' * len(states))})", states)
+    orders = {r["client_order_id"]: (r["created_at"], r["rowid"], _order_from(r)) for r in rows}
+    return _Mirror(positions, orders)
+
+
 # --- connection (runs on the ledger thread) -----------------------------------------------------------
 
 
@@ -640,13 +682,18 @@ class Ledger:
     """Open with `await Ledger.open(path, clock)`; every method is one transaction on the ledger thread."""
 
     def __init__(self, path: Path, clock: Clock, thread: _LedgerThread, checkpointer: _Checkpointer,
-                 conn: sqlite3.Connection) -> None:
+                 conn: sqlite3.Connection, mirror: _Mirror) -> None:
         self.path = path
         self.clock = clock
         self._thread = thread
         self._checkpointer = checkpointer
         self._conn = conn  # touched only on the ledger thread
         self._closed = False
+        # Replaced by the ledger thread after each commit that touched a mirrored row; read by anyone.
+        self._mirror = mirror
+        # Ledger thread only: the mirrored rows the current write transaction touched.
+        self._touched_positions: set[tuple[str, str]] = set()
+        self._touched_orders: set[str] = set()
         checkpointer.report = functools.partial(thread.call_soon, self._after_checkpoint)
 
     @classmethod
@@ -659,12 +706,12 @@ class Ledger:
         thread = _LedgerThread("ledger", checkpointer)
         made: list[sqlite3.Connection] = []
 
-        def connect() -> sqlite3.Connection:
+        def connect() -> tuple[sqlite3.Connection, _Mirror]:
             made.append(_connect(path, synchronous))
-            return made[0]
+            return made[0], _load_mirror(made[0])
 
         try:
-            conn = await thread.call(connect)
+            conn, mirror = await thread.call(connect)
         except BaseException:
             # Cancelled while connecting: the connection may still be made; close it on its thread,
             # which runs this after the connect.
@@ -673,7 +720,7 @@ class Ledger:
             thread.stop()
             raise
         log.info("ledger opened", path=str(path), synchronous=synchronous)
-        return cls(path, clock, thread, checkpointer, conn)
+        return cls(path, clock, thread, checkpointer, conn, mirror)
 
     async def close(self) -> None:
         """Checkpoint the WAL into the main file and stop the threads. Calls made before it finish
@@ -721,12 +768,58 @@ class Ledger:
         return await self._thread.call(self._transact, work, write)
 
     def _transact(self, work: Callable[[sqlite3.Connection], T], write: bool) -> T:
-        """Ledger thread: one transaction, counted for the background checkpointer when it wrote."""
+        """Ledger thread: one transaction, counted for the background checkpointer when it wrote. The
+        mirrored rows it touched are read back inside it and published once it has committed."""
         conn = self._conn
-        result = _transaction(conn, functools.partial(work, conn), write)
-        if write:
-            self._checkpointer.note_write()
+        if not write:
+            return _transaction(conn, functools.partial(work, conn), False)
+        self._touched_positions.clear()
+        self._touched_orders.clear()
+
+        def body() -> tuple[T, _Mirror | None]:
+            result = work(conn)
+            return result, self._reread(conn)
+
+        try:
+            result, mirror = _transaction(conn, body, True)
+        finally:
+            self._touched_positions.clear()
+            self._touched_orders.clear()
+        if mirror is not None:
+            self._mirror = mirror
+        self._checkpointer.note_write()
         return result
+
+    def _reread(self, conn: sqlite3.Connection) -> _Mirror | None:
+        """Ledger thread, inside a write transaction: the mirror with the touched rows as they now are
+        (None when nothing mirrored was touched)."""
+        if not self._touched_positions and not self._touched_orders:
+            return None
+        current = self._mirror
+        positions = current.positions
+        if self._touched_positions:
+            positions = dict(positions)
+            for key in self._touched_positions:
+                row = conn.execute("SELECT * FROM positions WHERE engine = ? AND symbol = ?", key).fetchone()
+                if row is None:
+                    positions.pop(key, None)
+                else:
+                    positions[key] = _book_from(row).position()
+        orders = current.orders
+        if self._touched_orders:
+            orders = dict(orders)
+            for cid in self._touched_orders:
+                row = conn.execute("SELECT rowid, * FROM orders WHERE client_order_id = ?", (cid,)).fetchone()
+                if row is None or OrderState(row["state"]) not in IN_PLAY:
+                    orders.pop(cid, None)
+                else:
+                    orders[cid] = (row["created_at"], row["rowid"], _order_from(row))
+        return _Mirror(positions, orders)
+
+    def _live_mirror(self) -> _Mirror:
+        if self._closed:
+            raise InvariantError(f"ledger {self.path} is closed")
+        return self._mirror
 
     # --- orders ------------------------------------------------------------------------------------
     async def insert_order(self, order: Order) -> None:
@@ -744,6 +837,7 @@ class Ledger:
         def work(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute("INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+                self._touched_orders.add(order.client_order_id)
             except sqlite3.IntegrityError as exc:
                 raise InvariantError(
                     f"order {order.client_order_id} is already in the ledger; refusing a duplicate"
@@ -777,10 +871,16 @@ class Ledger:
         def work(conn: sqlite3.Connection) -> None:
             if conn.execute(sql, [*args, client_order_id]).rowcount != 1:
                 raise InvariantError(f"update of order {client_order_id}, which the ledger does not have")
+            self._touched_orders.add(client_order_id)
 
         await self._run(work)
 
     async def get_order(self, client_order_id: str) -> Order | None:
+        """An order still in play comes from memory; a settled one from the database."""
+        held = self._live_mirror().orders.get(client_order_id)
+        if held is not None:
+            return _copy_order(held[2])
+
         def work(conn: sqlite3.Connection) -> Order | None:
             row = conn.execute("SELECT * FROM orders WHERE client_order_id = ?", (client_order_id,)).fetchone()
             return None if row is None else _order_from(row)
@@ -788,10 +888,17 @@ class Ledger:
         return await self._run(work, write=False)
 
     async def orders_in_states(self, states: Iterable[OrderState], engine: str | None = None) -> list[Order]:
-        """Oldest first, so orders are resolved in the order they were made."""
-        wanted = sorted({str(OrderState(s)) for s in states})
-        if not wanted:
+        """Oldest first, so orders are resolved in the order they were made. Orders in play only (the
+        engines' question: what is working, what is unsettled) come from memory."""
+        chosen = {OrderState(s) for s in states}
+        if not chosen:
             return []
+        if chosen <= IN_PLAY:
+            held = [entry for entry in self._live_mirror().orders.values()
+                    if entry[2].state in chosen and (engine is None or entry[2].engine == engine)]
+            held.sort(key=lambda entry: (entry[0], entry[1]))
+            return [_copy_order(entry[2]) for entry in held]
+        wanted = sorted(str(s) for s in chosen)
         sql = f"SELECT * FROM orders WHERE state IN ({', '.join('?' * len(wanted))})"
         args: list[Any] = list(wanted)
         if engine is not None:
@@ -850,6 +957,8 @@ class Ledger:
             book = self._load_book(conn, fill.engine, fill.symbol)
             return FillResult(False, None if book is None else book.position(), ZERO, None)
         qty, fee = fee_effect(fill)
+        self._touched_positions.add((fill.engine, fill.symbol))
+        self._touched_orders.add(fill.client_order_id)
         book = self._load_book(conn, fill.engine, fill.symbol)
         after, realized, closed = apply_fill(book, fill, qty, fee, leverage)
         if closed is not None:
@@ -882,6 +991,7 @@ class Ledger:
             if book is None or book.amount != expected_amount:
                 return None
             closed = written_off(book, now)
+            self._touched_positions.add((engine, symbol))
             self._insert_closed(conn, closed)
             conn.execute("DELETE FROM positions WHERE engine = ? AND symbol = ?", (engine, symbol))
             payload = {"engine": engine, "symbol": symbol, "amount": str(book.amount), "cost": str(book.cost),
@@ -974,14 +1084,9 @@ class Ledger:
         return await self._run(work, write=False)
 
     async def positions(self, engine: str | None = None) -> list[Position]:
-        sql = "SELECT * FROM positions" + (" WHERE engine = ?" if engine is not None else "")
-        sql += " ORDER BY engine, symbol"
-        args = (engine,) if engine is not None else ()
-
-        def work(conn: sqlite3.Connection) -> list[Position]:
-            return [_book_from(r).position() for r in conn.execute(sql, args)]
-
-        return await self._run(work, write=False)
+        """Open positions by engine and symbol, from memory (see `_Mirror`)."""
+        held = self._live_mirror().positions
+        return [_copy_position(held[key]) for key in sorted(held) if engine is None or key[0] == engine]
 
     async def update_position(
         self,
@@ -1010,6 +1115,7 @@ class Ledger:
         sql = f"UPDATE positions SET {', '.join(sets)} WHERE engine = ? AND symbol = ?"
 
         def work(conn: sqlite3.Connection) -> bool:
+            self._touched_positions.add((engine, symbol))
             return bool(conn.execute(sql, [*args, engine, symbol]).rowcount == 1)
 
         return await self._run(work)
