@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from decimal import Decimal
 from typing import Protocol
 
@@ -101,7 +101,7 @@ class FillOutcome(Protocol):
 
 
 class OrderStore(Protocol):
-    async def insert_order(self, order: Order) -> None: ...
+    def insert_order(self, order: Order) -> Awaitable[None]: ...
 
     async def update_order(
         self,
@@ -182,6 +182,9 @@ class OrderManager:
         if self._seq_next >= self._seq_end:
             block = await self.store.next_sequence(f"coid:{self.engine}")
             self._seq_next, self._seq_end = block * ID_BLOCK, (block + 1) * ID_BLOCK
+        return self._take_id()
+
+    def _take_id(self) -> str:
         seq = self._seq_next
         self._seq_next += 1
         return make_client_order_id(self.engine, self._boot, seq)
@@ -193,8 +196,16 @@ class OrderManager:
         The send-and-record runs as its own task behind `asyncio.shield`: cancelling the caller (an
         engine restart, shutdown, a Telegram timeout) never cuts an order off between the exchange's
         answer and the ledger, where its fill would be lost. `drain()` waits for such orphans.
+
+        When the current block still has an id, the order row is queued for the ledger here, before
+        the task is created: the ledger thread writes it while the loop gets round to the task, instead
+        of after.
         """
-        task = asyncio.ensure_future(self._submit(intent))
+        started: tuple[Order, Awaitable[None]] | None = None
+        if self._seq_next < self._seq_end:
+            order = self._new_order(intent, self._take_id())
+            started = order, self.store.insert_order(order)
+        task = asyncio.ensure_future(self._submit(intent, started))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return await asyncio.shield(task)
@@ -207,10 +218,9 @@ class OrderManager:
             await self.clock.wait_for(asyncio.wait({*self._inflight, *self._recording}), timeout)
         return not self._inflight and not self._recording
 
-    async def _submit(self, intent: OrderIntent) -> SubmitResult:
+    def _new_order(self, intent: OrderIntent, cid: str) -> Order:
         now = self.clock.now()
-        cid = await self.new_client_order_id()
-        order = Order(
+        return Order(
             client_order_id=cid,
             engine=self.engine,
             market=intent.market,
@@ -227,7 +237,15 @@ class OrderManager:
             leverage=intent.leverage,
             reason=intent.reason,
         )
-        await self.store.insert_order(order)
+
+    async def _submit(self, intent: OrderIntent, started: tuple[Order, Awaitable[None]] | None) -> SubmitResult:
+        if started is None:
+            order = self._new_order(intent, await self.new_client_order_id())
+            await self.store.insert_order(order)
+        else:
+            order, inserted = started
+            await inserted
+        cid = order.client_order_id
         request = OrderRequest(
             client_order_id=cid,
             symbol=intent.symbol,

@@ -822,9 +822,12 @@ class Ledger:
         return self._mirror
 
     # --- orders ------------------------------------------------------------------------------------
-    async def insert_order(self, order: Order) -> None:
+    def insert_order(self, order: Order) -> asyncio.Future[None]:
         """Intent before action: this row exists before the order is sent. A second insert of the same
-        client order id is a broken invariant (it would mean sending an order twice)."""
+        client order id is a broken invariant (it would mean sending an order twice).
+
+        Queued for the ledger thread when called, not when awaited, so the order manager can start the
+        write before it hands the rest of the order to a task; await the result before sending."""
         row = (
             order.client_order_id, order.engine, str(order.market), order.symbol, str(order.side),
             str(order.order_type), _money(order.amount, "amount"), _money_or_none(order.price, "price"),
@@ -843,7 +846,9 @@ class Ledger:
                     f"order {order.client_order_id} is already in the ledger; refusing a duplicate"
                 ) from exc
 
-        await self._run(work)
+        if self._closed:
+            raise InvariantError(f"ledger {self.path} is closed")
+        return self._thread.call(self._transact, work, True)
 
     async def update_order(
         self,
