@@ -506,6 +506,8 @@ def rsi(close: npt.ArrayLike, period: int = 14) -> FloatArray:
         np.subtract(gain, loss, out=loss)  # exactly -change where the price fell, else 0
     _recursion_into(res, res, [(1.0 / p, beta, avg_gain)])
     for lo, hi, avg_losses in _recursion_chunks(losses, [(1.0 / p, beta, avg_loss)], losses):
+        if hi == lo:
+            continue  # a non-finite first input leaves an empty chunk before the NaN one
         part = res[lo:hi]
         avg_losses += part  # now gains + losses
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -4,19 +4,34 @@ and tests all evaluate exactly the same rule.
 Enter long when the trend is up (fast EMA above slow EMA, close above the fast EMA), momentum over
 the lookback is at least the minimum, RSI sits in the band that means strength without exhaustion,
 and the last candle's volume is at least `volume_factor` times its recent average.
+
+`evaluate` sits on the tick-to-order path, so it does not build whole indicator arrays: it needs
+only the newest EMA(fast), EMA(slow) and RSI values and one average, and computes just those with
+plain float loops over a Python list of the window (a hundred-odd small numpy calls cost several
+times the arithmetic at these sizes). The loops repeat `engines.indicators`' floating-point
+operations in `engines.indicators`' order, so the values are bit-identical to `ema(close, p)[-1]`
+and `rsi(close, p)[-1]` wherever that module runs its recursions bar by bar (a recursion of at most
+256 bars, so any window of at most 256 bars; see `_last_indicators`, which runs the three in one
+pass, and `_last_ema` / `_last_rsi`), and the average volume is the same bits as `np.mean`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from core.types import CandleSeries
-from engines.indicators import ema, rsi
 
 VOLUME_AVERAGE_BARS = 20
+
+# Arrays whose .tolist() already gives the float64 values the indicators module would compute with.
+_FLOAT64 = np.dtype(np.float64)
+# numpy's pairwise summation sums runs of up to this many elements with 8 accumulators.
+_PAIRWISE_BLOCK = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,21 +61,42 @@ class MomentumReading:
 
 
 def evaluate(candles: CandleSeries, p: MomentumParams) -> MomentumReading:
-    """Read the newest closed candle. Not enough or non-finite data is a 'no', with the reason."""
+    """Read the newest closed candle. Not enough or non-finite data is a 'no', with the reason.
+
+    The EMAs and the RSI are those of `engines.indicators` over the last `window` closes, computed
+    for the newest bar only (see `_last_indicators`). For windows of up to 256 bars (every
+    configuration with warmup_bars <= 64) they are bit-identical to `ema(close, p)[-1]` and
+    `rsi(close, p)[-1]`. For longer windows that module switches to a blocked algorithm that rounds
+    differently, and its arrays differ from the values here by ~1e-12 relative; this function
+    stays the one rule for live, replay and backtest, which all call it.
+
+    A NaN or infinite close in the window, or volume in the average or on the newest bar, gives
+    'non-finite data' (a NaN newest volume used to pass the volume test, since it was only compared).
+    """
     n = len(candles)
-    if n < p.warmup_bars:
-        return MomentumReading(False, f"warming up ({n}/{p.warmup_bars} bars)", math.nan, math.nan, math.nan)
-    window = max(p.warmup_bars * 4, 100)
-    close = candles.close[-window:]
-    volume = candles.volume[-window:]
-    fast = ema(close, p.ema_fast)[-1]
-    slow = ema(close, p.ema_slow)[-1]
-    strength = rsi(close, p.rsi_period)[-1]
-    last = float(close[-1])
-    base = float(close[-1 - p.lookback])
-    avg_volume = float(np.mean(volume[-VOLUME_AVERAGE_BARS - 1 : -1]))
-    values = (fast, slow, strength, last, base, avg_volume)
-    if not all(math.isfinite(v) for v in values) or base <= 0:
+    warmup = p.warmup_bars
+    if n < warmup:
+        return MomentumReading(False, f"warming up ({n}/{warmup} bars)", math.nan, math.nan, math.nan)
+    window = max(warmup * 4, 100)
+    close = _floats(candles.close[-window:])
+    fast, slow, strength = _last_indicators(close, p.ema_fast, p.ema_slow, p.rsi_period)
+    last = close[-1]
+    base = close[-1 - p.lookback]
+    volume = _floats(candles.volume[-VOLUME_AVERAGE_BARS - 1 :])
+    avg_volume = _numpy_mean(volume[:-1])
+    isfinite = math.isfinite
+    if (
+        not (
+            isfinite(fast)
+            and isfinite(slow)
+            and isfinite(strength)
+            and isfinite(last)
+            and isfinite(base)
+            and isfinite(avg_volume)
+            and isfinite(volume[-1])
+        )
+        or base <= 0
+    ):
         return MomentumReading(False, "non-finite data", math.nan, math.nan, last)
     momentum = (last / base - 1.0) * 100.0
     if not (fast > slow and last > fast):
@@ -69,6 +105,229 @@ def evaluate(candles: CandleSeries, p: MomentumParams) -> MomentumReading:
         return MomentumReading(False, "momentum too weak", momentum, strength, last)
     if not (p.rsi_min <= strength <= p.rsi_max):
         return MomentumReading(False, "rsi outside band", momentum, strength, last)
-    if float(volume[-1]) < p.volume_factor * avg_volume:
+    if volume[-1] < p.volume_factor * avg_volume:
         return MomentumReading(False, "volume too low", momentum, strength, last)
     return MomentumReading(True, "momentum entry", momentum, strength, last)
+
+
+def _floats(arr: npt.NDArray[Any]) -> list[float]:
+    """The array's values as Python floats, i.e. as the float64 values the indicators compute with
+    (a float32 or integer series is converted first, as `engines.indicators` converts it)."""
+    if arr.dtype is not _FLOAT64:
+        arr = np.asarray(arr, dtype=np.float64)
+    values: list[float] = arr.tolist()
+    return values
+
+
+# --------------------------------------------------------------------------- newest indicator values
+#
+# `engines.indicators` evaluates a recursion of at most 256 bars as `_sequential` does: Python
+# floats, `y = alpha*x + beta*y` bar by bar from the seed, each output then added to a zeroed array
+# (`0.0 + y`, which only turns -0.0 into 0.0). Its seeds are `np.cumsum(...)[-1]` (a left-to-right
+# sum starting with the first element) divided by the period. The helpers below repeat those
+# operations in that order, for the newest bar only, so their results are the same bits. Longer
+# recursions there run in blocks through matrix products, which round differently (a few ulps).
+# From the first NaN or infinite input of a recursion on, that module outputs NaN; a non-finite
+# input leaves the scalar recursions here non-finite too (inf and NaN never turn finite again
+# through y = alpha*x + beta*y), and the `_*_finish` helpers then answer NaN as it does.
+
+
+def _check_period(p: int) -> None:
+    """A period below 1 is a programming error, as in `engines.indicators`."""
+    if p < 1:
+        raise ValueError(f"period must be >= 1, got {p}")
+
+
+def _ema_seed(values: list[float], p: int) -> float:
+    """TA-Lib's EMA seed: the mean of the first p values, summed left to right (needs p values)."""
+    total = values[0]
+    for x in values[1:p]:
+        total += x
+    return total / p
+
+
+def _ema_finish(y: float, values: list[float], p: int) -> float:
+    """The recursion's output as `engines.indicators` stores it (there was at least one step)."""
+    y = 0.0 + y
+    if not math.isfinite(y) and not all(map(math.isfinite, values[p:])):
+        return math.nan  # a non-finite input: that module stops the recursion there, NaN from there on
+    return y
+
+
+def _last_ema(values: list[float], p: int) -> float:
+    """The last value of `engines.indicators.ema(values, p)` (TA-Lib EMA, k = 2/(p+1)), without the
+    array: bit-identical while the recursion covers at most 256 bars (len(values) - p <= 256)."""
+    _check_period(p)
+    n = len(values)
+    if n < p:
+        return math.nan
+    y = _ema_seed(values, p)
+    if n == p:
+        return y
+    k = 2.0 / (p + 1)
+    beta = 1.0 - k
+    for x in values[p:]:
+        y = k * x + beta * y
+    return _ema_finish(y, values, p)
+
+
+def _rsi_seeds(values: list[float], p: int) -> tuple[float, float]:
+    """TA-Lib's RSI seeds, the mean gain and mean loss of the first p changes (needs p+1 values).
+
+    A change is x[i] - x[i-1], its gain `np.maximum(change, 0.0)` (0.0 for a zero of either sign or
+    a fall, NaN for NaN: `0.0 if change <= 0.0 else change`), its loss gain - change; both summed
+    left to right as np.cumsum does.
+    """
+    prev = values[1]
+    change = prev - values[0]
+    gain = 0.0 if change <= 0.0 else change
+    gains = gain
+    losses = gain - change
+    for x in values[2 : p + 1]:
+        change = x - prev
+        prev = x
+        gain = 0.0 if change <= 0.0 else change
+        gains += gain
+        losses += gain - change
+    return gains / p, losses / p
+
+
+def _rsi_steps(values: list[float], lo: int, hi: int, g: float, loss: float, p: int) -> tuple[float, float]:
+    """Wilder's recursions for bars lo..hi-1 (lo >= 1): avg = (1/p)*today + ((p-1)/p)*avg.
+
+    Gains and losses are never negative or -0.0 (nor are their seeds), so for a rise (loss =
+    change - change = 0.0) the loss update 0.0 + beta*loss is beta*loss, and for a fall or no
+    change (gain = 0.0, loss = 0.0 - change) the gain update 0.0 + beta*g is beta*g and
+    alpha*(0.0 - change) + beta*loss is beta*loss - alpha*change: the same bits, fewer operations.
+    A NaN change takes the second branch and leaves the loss NaN; an infinite one leaves an average
+    infinite or NaN: `_rsi_finish` answers NaN for both, as `engines.indicators` does.
+    """
+    alpha = 1.0 / p
+    beta = (p - 1) / p
+    prev = values[lo - 1]
+    for x in values[lo:hi]:
+        change = x - prev
+        prev = x
+        if change > 0.0:
+            g = alpha * change + beta * g
+            loss *= beta
+        else:
+            g *= beta
+            loss = beta * loss - alpha * change
+    return g, loss
+
+
+def _rsi_finish(g: float, loss: float, values: list[float], p: int) -> float:
+    """The RSI from the smoothed gain and loss (there was at least one recursion step), as
+    `engines.indicators.rsi` writes it: g/(l+g), then *100, or 0.0 where l+g <= 0."""
+    g = 0.0 + g
+    loss = 0.0 + loss
+    if not (math.isfinite(g) and math.isfinite(loss)) and not _changes_finite(values, p):
+        return math.nan  # a non-finite gain or loss: that module stops the recursion there
+    total = loss + g
+    if total <= 0.0:
+        return 0.0  # no gain and no loss at all (flat prices): TA-Lib says 0
+    return (g / total) * 100.0
+
+
+def _changes_finite(values: list[float], p: int) -> bool:
+    """Whether every change the RSI recursion reads (bars p+1 on) is finite: only asked on the rare
+    non-finite path, where it tells a non-finite input from a non-finite seed."""
+    return all(math.isfinite(values[i] - values[i - 1]) for i in range(p + 1, len(values)))
+
+
+def _last_rsi(values: list[float], p: int) -> float:
+    """The last value of `engines.indicators.rsi(values, p)` (TA-Lib RSI, Wilder smoothing), without
+    the arrays: bit-identical while the recursion covers at most 256 bars (len(values) - p - 1 <=
+    256). A series of exactly p+1 values gives 100*(g/(g+l)) from the seeds, or 0.0 unless g+l > 0.
+    """
+    _check_period(p)
+    n = len(values)
+    if n <= p:
+        return math.nan
+    g, loss = _rsi_seeds(values, p)
+    if n == p + 1:
+        total = g + loss
+        return 100.0 * (g / total) if total > 0.0 else 0.0
+    g, loss = _rsi_steps(values, p + 1, n, g, loss, p)
+    return _rsi_finish(g, loss, values, p)
+
+
+def _last_indicators(values: list[float], fast: int, slow: int, period: int) -> tuple[float, float, float]:
+    """(`_last_ema(values, fast)`, `_last_ema(values, slow)`, `_last_rsi(values, period)`), the same
+    bits, with one loop over the bars all three recursions cover: one pass over the list costs
+    less than three (each bar is read once and the interpreter's loop overhead is paid once)."""
+    if fast < 1 or slow < 1 or period < 1:
+        _check_period(min(fast, slow, period))
+    n = len(values)
+    start = max(fast, slow, period + 1)  # the first bar every recursion steps over
+    if start >= n:  # a window too short for some recursion (never with evaluate's warm-up)
+        return _last_ema(values, fast), _last_ema(values, slow), _last_rsi(values, period)
+    kf = 2.0 / (fast + 1)
+    bf = 1.0 - kf
+    f = _ema_seed(values, fast)
+    for x in values[fast:start]:
+        f = kf * x + bf * f
+    ks = 2.0 / (slow + 1)
+    bs = 1.0 - ks
+    s = _ema_seed(values, slow)
+    for x in values[slow:start]:
+        s = ks * x + bs * s
+    g, loss = _rsi_seeds(values, period)
+    g, loss = _rsi_steps(values, period + 1, start, g, loss, period)
+    # From `start` on: the three recursions side by side, each exactly as in its own loop above.
+    alpha = 1.0 / period
+    beta = (period - 1) / period
+    prev = values[start - 1]
+    for x in values[start:]:
+        f = kf * x + bf * f
+        s = ks * x + bs * s
+        change = x - prev
+        prev = x
+        if change > 0.0:
+            g = alpha * change + beta * g
+            loss *= beta
+        else:
+            g *= beta
+            loss = beta * loss - alpha * change
+    return _ema_finish(f, values, fast), _ema_finish(s, values, slow), _rsi_finish(g, loss, values, period)
+
+
+def _numpy_sum(values: list[float]) -> float:
+    """numpy's pairwise sum of a contiguous float64 array, operation for operation: up to 7 values
+    left to right from 0.0; up to 128 in 8 interleaved accumulators, combined as a tree, then the
+    remainder; longer runs split in two (the first half a multiple of 8) and summed recursively."""
+    n = len(values)
+    if n < 8:
+        res = 0.0
+        for x in values:
+            res += x
+        return res
+    if n <= _PAIRWISE_BLOCK:
+        r0, r1, r2, r3, r4, r5, r6, r7 = values[:8]
+        stop = n - n % 8
+        for i in range(8, stop, 8):
+            r0 += values[i]
+            r1 += values[i + 1]
+            r2 += values[i + 2]
+            r3 += values[i + 3]
+            r4 += values[i + 4]
+            r5 += values[i + 5]
+            r6 += values[i + 6]
+            r7 += values[i + 7]
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        for x in values[stop:]:
+            res += x
+        return res
+    half = n // 2
+    half -= half % 8
+    return _numpy_sum(values[:half]) + _numpy_sum(values[half:])
+
+
+def _numpy_mean(values: list[float]) -> float:
+    """`float(np.mean(values))` for a contiguous float64 array, bit for bit, without the array: the
+    reduction starts from 0.0 and adds the pairwise sum, then divides by the count. Cheaper than
+    np.mean's dispatch for the 20 volumes the rule averages."""
+    if not values:
+        return math.nan
+    return (0.0 + _numpy_sum(values)) / len(values)
