@@ -185,16 +185,16 @@ class ScriptedFeed:
         return Ticker(SYMBOL, bid=last * (1 - HALF_SPREAD), ask=last * (1 + HALF_SPREAD), last=last, ts=now)
 
 
-STAGES = ("wake", "decide", "sequence", "insert", "send")
+STAGES = ("wake", "decide", "queue", "insert", "resume", "send")
 STAGE_HELP = {
     "wake": "update published -> engine.step() entered (wake-up; a position reload after a fill the engine "
             "did not make, if the one begun while idle has not finished)",
     "decide": "step() -> RiskGate.check() entered (entry: candles, momentum rule, sizing; take-profit: "
               "cancelling the protective stop)",
-    "sequence": "gate, allocator, OrderManager.submit's task, the client order id (a ledger commit once "
-                "per 1000 ids)",
-    "insert": "Ledger.insert_order() (the order row before sending; ledger thread, one commit)",
-    "send": "clock.wait_for(PaperExchange.create_order()) until it returned",
+    "queue": "gate, allocator, the client order id, the order row queued for the ledger thread",
+    "insert": "the order row's commit on the ledger thread, until the loop hears of it (one round trip)",
+    "resume": "the loop runs OrderManager.submit's task on to the send",
+    "send": "PaperExchange.create_order() entered -> returned",
 }
 
 
@@ -222,17 +222,21 @@ class StageMarks:
 
         setattr(obj, method, wrapper)
 
-    def wrap_sync(self, obj: Any, method: str, before: str) -> None:
+    def wrap_sync(self, obj: Any, method: str, before: str, done: str | None = None) -> None:
+        """`done`: the method returns a future; marked when the loop runs its callbacks."""
         inner = getattr(obj, method)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             self.mark(before)
-            return inner(*args, **kwargs)
+            out = inner(*args, **kwargs)
+            if done is not None:
+                out.add_done_callback(lambda _f: self.mark(done))
+            return out
 
         setattr(obj, method, wrapper)
 
     def durations(self, t0: int, t1: int) -> dict[str, float] | None:
-        names = ["step", "gate", "sequence", "insert"]
+        names = ["step", "gate", "queued", "inserted", "send"]
         if any(n not in self.marks for n in names):
             return None
         points = [t0, *(self.marks[n] for n in names), t1]
@@ -301,10 +305,13 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             )
             await exchange.load_markets()
             sent: list[Sent] = []
+            stages = StageMarks()
             exchange_fills: list[int] = []
             original: Callable[[OrderRequest], Awaitable[OrderUpdate]] = exchange.create_order
 
             async def timed_create_order(request: OrderRequest) -> OrderUpdate:
+                if breakdown:
+                    stages.mark("send")
                 try:
                     update = await original(request)
                 except Exception as exc:
@@ -343,12 +350,10 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             exchange.on_fill = on_fill
             om.on_position_change = ctx.note_position_change
             engine = SpotEngine(ctx)
-            stages = StageMarks()
             if breakdown:
                 stages.wrap_async(engine, "step", "step", None)
                 stages.wrap_sync(gate, "check", "gate")
-                stages.wrap_async(om, "new_client_order_id", None, "sequence")
-                stages.wrap_async(ledger, "insert_order", None, "insert")
+                stages.wrap_sync(ledger, "insert_order", "queued", "inserted")
             feed.prepare_entry(0)
             scripted = feed.candles(SYMBOL, engine.timeframe, 100)
             reading = evaluate(scripted, engine.params) if scripted is not None else None

@@ -694,6 +694,7 @@ class Ledger:
         # Ledger thread only: the mirrored rows the current write transaction touched.
         self._touched_positions: set[tuple[str, str]] = set()
         self._touched_orders: set[str] = set()
+        self._written_orders: dict[str, tuple[float, int, Order]] = {}  # inserted as given, not read back
         checkpointer.report = functools.partial(thread.call_soon, self._after_checkpoint)
 
     @classmethod
@@ -775,6 +776,7 @@ class Ledger:
             return _transaction(conn, functools.partial(work, conn), False)
         self._touched_positions.clear()
         self._touched_orders.clear()
+        self._written_orders.clear()
 
         def body() -> tuple[T, _Mirror | None]:
             result = work(conn)
@@ -785,6 +787,7 @@ class Ledger:
         finally:
             self._touched_positions.clear()
             self._touched_orders.clear()
+            self._written_orders.clear()
         if mirror is not None:
             self._mirror = mirror
         self._checkpointer.note_write()
@@ -809,6 +812,13 @@ class Ledger:
         if self._touched_orders:
             orders = dict(orders)
             for cid in self._touched_orders:
+                written = self._written_orders.get(cid)
+                if written is not None:
+                    if written[2].state in IN_PLAY:
+                        orders[cid] = written
+                    else:
+                        orders.pop(cid, None)
+                    continue
                 row = conn.execute("SELECT rowid, * FROM orders WHERE client_order_id = ?", (cid,)).fetchone()
                 if row is None or OrderState(row["state"]) not in IN_PLAY:
                     orders.pop(cid, None)
@@ -837,10 +847,14 @@ class Ledger:
             order.reason,
         )
 
+        written = _copy_order(order)  # as it is now: the caller may change its own copy meanwhile
+
         def work(conn: sqlite3.Connection) -> None:
             try:
-                conn.execute("INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
-                self._touched_orders.add(order.client_order_id)
+                rowid = conn.execute("INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row).lastrowid
+                # The row is exactly `written`: the mirror takes it without reading it back.
+                self._written_orders[written.client_order_id] = (written.created_at, rowid or 0, written)
+                self._touched_orders.add(written.client_order_id)
             except sqlite3.IntegrityError as exc:
                 raise InvariantError(
                     f"order {order.client_order_id} is already in the ledger; refusing a duplicate"
