@@ -247,8 +247,9 @@ class BaseEngine:
         the exchange did not answer: the stop may still rest there, and the caller retries later.
 
         With `records`, a plain cancel's ledger write is left running and appended there for the caller
-        to await (`OrderManager.cancel(defer_record=True)`): the exit that follows writes its own order
-        row behind it instead of waiting for it first."""
+        to await (`OrderManager.cancel(defer_record=True)`): the exit that follows queues its own order
+        row at once (it reaches the ledger thread first, the cancel's record right behind it) instead
+        of waiting a whole ledger round trip for the record before it."""
         try:
             async with self.ctx.trade_lock:
                 result = await self.ctx.orders.cancel(order, defer_record=records is not None)
@@ -263,10 +264,11 @@ class BaseEngine:
     @staticmethod
     async def await_records(records: list[Awaitable[object]]) -> None:
         """Wait for every deferred ledger write (see `cancel_stop`), all of them even when one fails;
-        the first failure is raised."""
+        the first failure is raised. Shielded: cancelling the engine meanwhile must not cut a record
+        short (its events would never be published); the order manager owns them and drain() waits."""
         if not records:
             return
-        outcomes = await asyncio.gather(*records, return_exceptions=True)
+        outcomes = await asyncio.gather(*(asyncio.shield(r) for r in records), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome

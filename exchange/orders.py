@@ -126,7 +126,8 @@ class OrderStore(Protocol):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SubmitResult:
-    """What happened to one intent. `order` is the ledger's row after the exchange answered."""
+    """What happened to one intent. `order` is the ledger's row after the exchange answered (with a
+    deferred record, what that row will say once `recorded` is done)."""
 
     order: Order
     update: OrderUpdate | None
@@ -211,7 +212,8 @@ class OrderManager:
         return await asyncio.shield(task)
 
     async def drain(self, timeout: float) -> bool:
-        """Wait (bounded) for sends whose callers were cancelled; True when none is left."""
+        """Wait (bounded) for sends whose callers were cancelled, and for deferred cancel records; True
+        when none is left."""
         if not self._inflight and not self._recording:
             return True
         with contextlib.suppress(TimeoutError):
@@ -440,13 +442,13 @@ class OrderManager:
         so a not-found cancel is settled by asking for the order, never by assuming it was cancelled.
 
         `defer_record`: a plain cancel (no fills) returns once the exchange has answered, with its
-        ledger write still running in `result.recorded`, which the caller must await. A take-profit
-        cancels the position's stop and then sells: the sell's own order row is written right after,
-        on the same ledger thread, so waiting for the cancel's row first would only add a second trip
-        to the ledger before the sell goes out. Nothing depends on that row before then: the engine
-        decides from the exchange's answer, and a crash in between leaves an order the ledger still
-        thinks open, which reconciliation settles by asking the exchange. Fills are always recorded
-        before returning."""
+        ledger write still running in `result.recorded`, which the caller must await (an unawaited
+        failure would go unseen). A take-profit cancels the position's stop and then sells: the sell's
+        own order row is queued at once and reaches the ledger thread first, the cancel's record right
+        behind it, so the sell does not wait a whole ledger round trip for the record. Nothing depends
+        on that row before then: the engine decides from the exchange's answer, and a crash in between
+        leaves an order the ledger still thinks open, which reconciliation settles by asking the
+        exchange. Fills are always recorded before returning."""
         try:
             update = await self.clock.wait_for(
                 self.exchange.cancel_order(order.symbol, order.client_order_id), self.send_timeout

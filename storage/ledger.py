@@ -679,7 +679,8 @@ class _Checkpointer:
 
 
 class Ledger:
-    """Open with `await Ledger.open(path, clock)`; every method is one transaction on the ledger thread."""
+    """Open with `await Ledger.open(path, clock)`. Every write, and every read the mirror cannot answer,
+    is one transaction on the ledger thread."""
 
     def __init__(self, path: Path, clock: Clock, thread: _LedgerThread, checkpointer: _Checkpointer,
                  conn: sqlite3.Connection, mirror: _Mirror) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from core.clock import SimClock
 from core.errors import InvariantError
+from core.events import OrderCanceled
 from core.types import OrderState, OrderType
 from storage.ledger import Ledger
 from tests.test_spot_protective_stop import SYMBOL, Rig, enter, rig
@@ -114,3 +116,76 @@ async def test_drain_waits_for_a_deferred_record(rig: Rig) -> None:
     recorded = await rig.ledger.get_order(stop.client_order_id)
     assert recorded is not None and recorded.state is OrderState.CANCELED
     assert recorded.filled == Decimal(0)
+
+
+def queued_writes(ledger: Ledger) -> list[str]:
+    """The write transactions handed to the ledger thread from now on, in queue order, by name."""
+    seen: list[str] = []
+    thread = ledger._thread
+    original = thread.call
+
+    def call(fn: Any, *args: Any) -> Any:
+        if getattr(fn, "__name__", "") == "_transact" and args[1]:
+            work = args[0]
+            seen.append(getattr(work, "__qualname__", "") or getattr(getattr(work, "func", None), "__qualname__", "?"))
+        return original(fn, *args)
+
+    thread.call = call  # type: ignore[method-assign]
+    return seen
+
+
+async def test_the_sells_row_is_queued_before_the_cancel_record(rig: Rig) -> None:
+    """The point of deferring: the take-profit's own order row does not wait behind the stop's record."""
+    await enter(rig)
+    seen = queued_writes(rig.ledger)
+    rig.feed.set_price("103")
+    await rig.step()
+    inserts = [i for i, name in enumerate(seen) if name.startswith("Ledger.insert_order")]
+    updates = [i for i, name in enumerate(seen) if name.startswith("Ledger.update_order")]
+    assert inserts and updates, seen
+    assert inserts[0] < updates[0], f"the sell's row should reach the ledger thread first: {seen}"
+
+
+async def test_cancelling_the_engine_does_not_cut_a_cancel_record_short(rig: Rig) -> None:
+    """The engine task may be cancelled (twice, at shutdown) while it waits for the records: the record
+    still finishes, row and event both."""
+    await enter(rig)
+    stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    canceled_events: list[str] = []
+    real_publish = rig.ctx.bus.publish
+
+    def publish(event: Any) -> None:
+        if isinstance(event, OrderCanceled):
+            canceled_events.append(event.client_order_id)
+        real_publish(event)
+
+    rig.ctx.bus.publish = publish  # type: ignore[method-assign]
+    release = threading.Event()
+    recording: list[asyncio.Future[Any]] = []
+    real_cancel = rig.ctx.orders.cancel
+
+    async def cancel(order: Any, *, defer_record: bool = False) -> Any:
+        result = await real_cancel(order, defer_record=defer_record)
+        if result.recorded is not None:
+            recording.append(result.recorded)
+            rig.ledger._thread.call(release.wait, 5.0)  # the record (and the sell's row) now wait in the queue
+        return result
+
+    rig.ctx.orders.cancel = cancel  # type: ignore[method-assign]
+    rig.feed.set_price("103")
+    ticker = rig.feed.ticker(SYMBOL)
+    assert ticker is not None
+    step = asyncio.ensure_future(rig.engine.manage_exit(rig.engine.positions[SYMBOL], ticker))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    step.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    step.cancel()  # a second cancel lands on the wait for the records
+    release.set()
+    await asyncio.gather(step, return_exceptions=True)
+    assert await asyncio.wait_for(rig.ctx.orders.drain(5.0), 5.0)
+    assert recording and not recording[0].cancelled() and recording[0].exception() is None
+    stop = await rig.ledger.get_order(stop_id)
+    assert stop is not None and stop.state is OrderState.CANCELED
+    assert stop_id in canceled_events
