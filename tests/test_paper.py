@@ -486,3 +486,34 @@ async def test_restore_counts_fills_against_an_order_the_ledger_still_shows_open
     assert (await rebuilt.fetch_order("BTC/USDT", "l1")).state is OrderState.FILLED
     assert rebuilt.process_prices() == []
     assert await snapshot(rebuilt) == await snapshot(live)
+
+
+# --- logging ----------------------------------------------------------------------------------------
+
+
+async def test_order_debug_line_follows_the_paper_loggers_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-order debug line is skipped cheaply when debug is off, and still written when it is on."""
+    import logging
+
+    import exchange.paper as paper
+
+    lines: list[str] = []
+
+    class Recorder:
+        def debug(self, event: str, **kw: Any) -> None:
+            lines.append(event)
+
+    monkeypatch.setattr(paper, "log", Recorder())
+    std = logging.getLogger("paper")
+    old_level = std.level
+    ex, feed, _ = make()
+    feed.set("BTC/USDT", "100", "100.1")
+    try:
+        std.setLevel(logging.INFO)
+        await ex.create_order(req("info-1", Side.BUY, "0.1"))
+        assert lines == []
+        std.setLevel(logging.DEBUG)
+        await ex.create_order(req("debug-1", Side.BUY, "0.1"))
+        assert lines == ["paper order"]
+    finally:
+        std.setLevel(old_level)
