@@ -3,11 +3,11 @@
 The real order path runs: `SpotEngine.run` woken by the feed's `UpdateSignal`, `step()`, the momentum
 rule, the `RiskGate` with the `CapitalAllocator`'s reservation, the `OrderManager` (client order id
 from the ledger's sequence, the order row written to a real SQLite `Ledger` before sending) and
-`PaperExchange.create_order`. The paper exchange's own `run()` loop waits on the same feed, and its
-fills of resting orders reach the ledger through a late-fill task, wired as the Orchestrator wires
-them. Only the feed is scripted: a one-symbol `MarketFeed` whose candles make the momentum rule enter,
-and whose next update moves the price past the take-profit or the stop-loss (alternately), so the
-engine exits and enters again.
+`PaperExchange.create_order`. The paper exchange's own `run()` works its resting orders inside each
+of the feed's updates (`on_update`), before the engine wakes, and its fills reach the ledger through a
+late-fill task, wired as the Orchestrator wires them. Only the feed is scripted: a one-symbol
+`MarketFeed` whose candles make the momentum rule enter, and whose next update moves the price past
+the take-profit or the stop-loss (alternately), so the engine exits and enters again.
 
 Per round: the entry (a market buy, then the protective stop-market sell the engine puts on the
 exchange), then either a take-profit (the engine cancels its stop and sells at market) or a
@@ -18,7 +18,7 @@ stop-loss fill are reported on their own lines.
 t0 is read right before the feed's version is bumped (the engine is then idle in `wait_update`); t1
 right after `PaperExchange.create_order` returns (the exchange instance's method is wrapped; the
 class is untouched), or, for the stop-loss, when the paper exchange reports the stop's fill. The
-next update is published once both feed consumers are waiting again, every late fill is recorded and
+next update is published once the engine is waiting again, every late fill is recorded and
 `--gap-ms` has passed, so each sample starts from an idle loop, as a live price update would.
 
 Target: p99 <= 250 us over >= 2,000 orders.
@@ -75,7 +75,7 @@ BASE_PRICE = 30_000.0
 HALF_SPREAD = Decimal(2) / Decimal(20_000)  # the replay feed's default 2 bps spread
 TAKE_PROFIT_MOVE = 1.03  # past the engine's 2 % take-profit
 STOP_LOSS_MOVE = 0.98  # past its 1.5 % stop-loss
-CONSUMERS = 2  # the engine and the paper exchange's run() loop
+CONSUMERS = 1  # the engine (the paper exchange listens inside the update instead of waiting)
 
 
 def percentile(samples: list[float], pct: float) -> float:
@@ -142,6 +142,9 @@ class ScriptedFeed:
         if symbol != SYMBOL or self._series is None:
             return None
         return self._series.tail(limit) if limit < len(self._series) else self._series
+
+    def on_update(self, listener: Callable[[], None]) -> Callable[[], None]:
+        return self._signal.add_listener(listener)
 
     async def wait_update(self, after: int, timeout: float) -> int:
         self._waiting[after] = self._waiting.get(after, 0) + 1
@@ -366,7 +369,7 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             tasks.append(engine_task)
 
             async def settled() -> None:
-                """Engine and paper loop waiting again, and every late fill recorded."""
+                """Engine waiting again, and every late fill recorded."""
                 while True:
                     await feed.consumers_idle(CONSUMERS)
                     if not late:

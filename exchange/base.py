@@ -6,6 +6,7 @@ All money is Decimal; every method that talks to a network has a timeout in its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from typing import Protocol
@@ -128,6 +129,11 @@ class MarketFeed(Protocol):
     def candles(self, symbol: str, timeframe: str, limit: int = 500) -> CandleSeries | None: ...
 
     async def wait_update(self, after: int, timeout: float) -> int: ...
+
+    def on_update(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener()` synchronously on every new version, before any `wait_update` returns it
+        (the paper exchanges settle resting orders there). Returns the function that removes it."""
+        ...
 
     @property
     def finished(self) -> bool:

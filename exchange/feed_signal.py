@@ -1,13 +1,20 @@
 """A version counter that many consumers can wait on, on the project's clock.
 
-Engines and the paper exchange share one feed; each remembers the last version it saw and waits for
-a newer one. An event that is replaced on every bump wakes every waiter at once without any of them
-consuming the notification from the others.
+Engines share one feed; each remembers the last version it saw and waits for a newer one. An event
+that is replaced on every bump wakes every waiter at once without any of them consuming the
+notification from the others.
+
+Listeners are for the exchange side of a paper venue: they run inside `bump()`, before any waiter
+wakes, as a real venue's matching engine settles resting orders on a price before its clients see
+it. That also spares a task switch per price update on the way from the update to the engines
+(measured about 15-25 us at the median of bench/tick_to_order_bench.py when the paper exchange was
+one more waiting task).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from core.clock import Clock
 
@@ -18,15 +25,33 @@ class UpdateSignal:
         self._version = 0
         self._wakes = 0
         self._event = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def version(self) -> int:
         return self._version
 
     def bump(self) -> int:
+        """A new version: listeners run first, in the order they were added, then waiters wake. A
+        listener that raises is a bug on the caller's side (the feed's task): it propagates, after
+        the waiters have been released all the same."""
         self._version += 1
-        self._release()
+        try:
+            for listener in tuple(self._listeners):
+                listener()
+        finally:
+            self._release()
         return self._version
+
+    def add_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener()` on every bump until the returned function is called."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
 
     def wake(self) -> None:
         """Release current waiters without a new version (e.g. a replay ran out of data)."""

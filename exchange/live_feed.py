@@ -229,6 +229,9 @@ class LiveFeed:
     async def wait_update(self, after: int, timeout: float) -> int:
         return await self._signal.wait(after, timeout)
 
+    def on_update(self, listener: Callable[[], None]) -> Callable[[], None]:
+        return self._signal.add_listener(listener)
+
     # --- polling ------------------------------------------------------------------------------------
 
     async def poll_once(self, *, candles: bool = True) -> bool:

@@ -10,6 +10,7 @@ is replayed from the ledger, so the two can never disagree.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -169,7 +170,6 @@ class PaperExchange:
         slippage_bps: Decimal,
         on_fill: FillCallback | None = None,
         quote_asset: str | None = None,
-        idle_wait_seconds: float = 5.0,
     ) -> None:
         if market_type is not MarketType.SPOT:
             raise OperationalError("paper futures not available")
@@ -187,7 +187,6 @@ class PaperExchange:
         self._slippage = slippage_bps / Decimal(10_000)
         self.on_fill = on_fill
         self.quote_asset = quote_asset or self._main_quote()
-        self._idle_wait = idle_wait_seconds
         self._balances: dict[str, Decimal] = dict(self._starting)
         self._locked: dict[str, Decimal] = {}
         self._orders: dict[str, _PaperOrder] = {}
@@ -196,6 +195,7 @@ class PaperExchange:
         self._last_price: dict[str, Decimal] = {}
         self._unpriced_warned: set[str] = set()
         self._closed = False
+        self._closing = asyncio.Event()
 
     # --- markets ------------------------------------------------------------------------------------
 
@@ -294,8 +294,9 @@ class PaperExchange:
         return []  # spot holds assets, not positions
 
     async def close(self) -> None:
-        """Stop `run()` at its next wake-up; state stays readable."""
+        """End `run()`; state stays readable."""
         self._closed = True
+        self._closing.set()
 
     # --- valuation ----------------------------------------------------------------------------------
 
@@ -339,14 +340,20 @@ class PaperExchange:
         return updates
 
     async def run(self) -> None:
-        """Work resting orders on every price change until closed (the Orchestrator owns this task)."""
-        seen = self._feed.version
+        """Work resting orders on every price change until closed (the Orchestrator owns this task).
+
+        The work is done inside the feed's update (`MarketFeed.on_update`), before any engine wakes to
+        the new price: a stop the price ran through has filled by the time an engine looks, as on a
+        real venue, and no task of ours sits between a price update and the engines."""
+        remove = self._feed.on_update(self._settle)
+        try:
+            self.process_prices()
+            await self._closing.wait()
+        finally:
+            remove()
+
+    def _settle(self) -> None:
         self.process_prices()
-        while not self._closed:
-            version = await self._feed.wait_update(seen, self._idle_wait)
-            if version != seen:
-                seen = version
-                self.process_prices()
 
     # --- restart ------------------------------------------------------------------------------------
 

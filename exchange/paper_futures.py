@@ -33,6 +33,8 @@ wallet is exact whatever order the ledger hands the history back in.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -355,6 +357,7 @@ class PaperFuturesExchange:
         self._last_price: dict[str, Decimal] = {}
         self._funded_until = self._boundary(clock.now())
         self._closed = False
+        self._closing = asyncio.Event()
 
     # --- markets and leverage -------------------------------------------------------------------------
 
@@ -480,8 +483,9 @@ class PaperFuturesExchange:
         return out
 
     async def close(self) -> None:
-        """Stop `run()` at its next wake-up; state stays readable."""
+        """End `run()`; state stays readable."""
         self._closed = True
+        self._closing.set()
 
     # --- account views --------------------------------------------------------------------------------
 
@@ -530,20 +534,29 @@ class PaperFuturesExchange:
         return updates
 
     async def run(self) -> None:
-        """Work orders, liquidations and funding on every price change, and wake for each funding time
-        even when prices are quiet, until closed (the Orchestrator owns this task)."""
-        seen = self._feed.version
-        self.process_prices()
-        while not self._closed:
-            until_funding = self._funded_until + self._interval - self._clock.now()
-            wait = min(self._idle_wait, max(until_funding, 0.0))
-            if wait > 0:
-                seen = await self._feed.wait_update(seen, wait)
-            else:
-                await self._clock.sleep(0)  # funding is due now: still let the loop breathe first
-            if self._closed:
-                break
+        """Work orders, liquidations and funding on every price change, and at each funding time even
+        when prices are quiet, until closed (the Orchestrator owns this task). Price changes are worked
+        inside the feed's update, before any engine wakes (see `PaperExchange.run`); this task only
+        keeps the funding times."""
+        remove = self._feed.on_update(self._settle)
+        try:
             self.process_prices()
+            while not self._closed:
+                until_funding = self._funded_until + self._interval - self._clock.now()
+                wait = min(self._idle_wait, max(until_funding, 0.0))
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await self._clock.wait_for(self._closing.wait(), wait)
+                else:
+                    await self._clock.sleep(0)  # funding is due now: still let the loop breathe first
+                if self._closed:
+                    break
+                self.process_prices()
+        finally:
+            remove()
+
+    def _settle(self) -> None:
+        self.process_prices()
 
     # --- restart --------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -274,6 +274,9 @@ class ReplayFeed:
 
     async def wait_update(self, after: int, timeout: float) -> int:
         return await self._signal.wait(after, timeout)
+
+    def on_update(self, listener: Callable[[], None]) -> Callable[[], None]:
+        return self._signal.add_listener(listener)
 
     # --- driving ------------------------------------------------------------------------------------
 

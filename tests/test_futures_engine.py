@@ -95,6 +95,9 @@ class ScriptedFeed:
     async def wait_update(self, after: int, timeout: float) -> int:
         return await self.signal.wait(after, timeout)
 
+    def on_update(self, listener: Any) -> Any:
+        return self.signal.add_listener(listener)
+
 
 @dataclass
 class Rig:

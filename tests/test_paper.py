@@ -75,6 +75,9 @@ class FakeFeed:
     async def wait_update(self, after: int, timeout: float) -> int:
         return await self.signal.wait(after, timeout)
 
+    def on_update(self, listener: Any) -> Any:
+        return self.signal.add_listener(listener)
+
 
 def make(clock: SimClock | None = None, feed: FakeFeed | None = None, usdt: str = "10000",
          **kw: Any) -> tuple[PaperExchange, FakeFeed, SimClock]:
@@ -517,3 +520,34 @@ async def test_order_debug_line_follows_the_paper_loggers_level(monkeypatch: pyt
         assert lines == ["paper order"]
     finally:
         std.setLevel(old_level)
+
+
+async def test_a_stop_fills_inside_the_price_update_before_an_engine_wakes() -> None:
+    """run() works resting orders within the feed's update: a consumer woken by the update already
+    finds the stop filled (as on a real venue), and after close() prices no longer reach the book."""
+    seen: list[OrderUpdate] = []
+    ex, feed, clock = make(on_fill=seen.append)
+    feed.set("BTC/USDT", "30000.00", "30001.00")
+    await ex.create_order(req("b1", Side.BUY, "0.1"))
+    await ex.create_order(req("s1", Side.SELL, "0.1", otype=OrderType.STOP_MARKET, stop="29000"))
+    task = asyncio.create_task(ex.run())
+    await clock.advance(0)
+    found_by_consumer: list[list[str]] = []
+
+    async def consumer() -> None:
+        await feed.wait_update(feed.version, 10)
+        found_by_consumer.append([u.client_order_id for u in seen])
+
+    waiting = asyncio.create_task(consumer())
+    await clock.advance(0)
+    feed.set("BTC/USDT", "28900.00", "28950.00", last="28920.00")
+    assert [u.client_order_id for u in seen] == ["s1"]  # before anything else ran
+    await clock.advance(0)
+    assert waiting.done() and found_by_consumer == [["s1"]]
+
+    await ex.create_order(req("l1", Side.BUY, "0.1", otype=OrderType.LIMIT, price="28000"))
+    await ex.close()
+    await clock.advance(1)
+    assert task.done() and task.exception() is None
+    feed.set("BTC/USDT", "27900.00", "27950.00")
+    assert [u.client_order_id for u in seen] == ["s1"]  # the book no longer listens

@@ -83,6 +83,9 @@ class FakeFeed:
     async def wait_update(self, after: int, timeout: float) -> int:
         return await self.signal.wait(after, timeout)
 
+    def on_update(self, listener: Any) -> Any:
+        return self.signal.add_listener(listener)
+
 
 def make(usdt: str = "10000", clock: SimClock | None = None, feed: FakeFeed | None = None,
          **kw: Any) -> tuple[PaperFuturesExchange, FakeFeed, SimClock]:

@@ -1,0 +1,62 @@
+"""The feed's version counter: waiters wake on a newer version, and listeners (the paper exchanges'
+order matching) run inside the update, before any waiter sees it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from core.clock import SimClock, settle
+from exchange.feed_signal import UpdateSignal
+
+
+async def test_listeners_run_in_order_before_any_waiter_wakes() -> None:
+    signal = UpdateSignal(SimClock())
+    calls: list[str] = []
+    seen_by_waiter: list[list[str]] = []
+
+    async def waiter() -> None:
+        await signal.wait(0, 10)
+        seen_by_waiter.append(list(calls))
+
+    task = asyncio.ensure_future(waiter())
+    await settle()
+    signal.add_listener(lambda: calls.append("first"))
+    signal.add_listener(lambda: calls.append("second"))
+    assert signal.bump() == 1
+    assert calls == ["first", "second"]  # synchronously, inside bump()
+    await settle()
+    assert task.done() and seen_by_waiter == [["first", "second"]]
+
+
+async def test_a_removed_listener_is_not_called_and_wake_calls_none() -> None:
+    signal = UpdateSignal(SimClock())
+    calls: list[int] = []
+    remove = signal.add_listener(lambda: calls.append(signal.version))
+    signal.bump()
+    signal.wake()  # no new version: nothing new to settle
+    remove()
+    remove()  # twice is harmless
+    signal.bump()
+    assert calls == [1]
+
+
+async def test_a_failing_listener_propagates_but_waiters_still_wake() -> None:
+    signal = UpdateSignal(SimClock())
+    woke: list[int] = []
+
+    async def waiter() -> None:
+        woke.append(await signal.wait(0, 10))
+
+    task = asyncio.ensure_future(waiter())
+    await settle()
+
+    def boom() -> None:
+        raise RuntimeError("matching bug")
+
+    signal.add_listener(boom)
+    with pytest.raises(RuntimeError, match="matching bug"):
+        signal.bump()
+    await settle()
+    assert task.done() and woke == [1]
