@@ -24,10 +24,12 @@ next update is published once the engine is waiting again, every late fill is re
 Target: p99 <= 250 us over >= 2,000 orders.
 
 Run from the repository root:
-    .venv/bin/python bench/tick_to_order_bench.py [--orders 2000] [--repeat 3] [--journal] [--breakdown]
+    .venv/bin/python bench/tick_to_order_bench.py [--orders 2000] [--repeat 3] [--journal] [--breakdown] [--cpu N]
 
 `--journal` adds the Orchestrator's journal writer (every event appended to the same ledger, on the
-same ledger thread), which the daemon runs too; without it the bus has no subscribers.
+same ledger thread), which the daemon runs too; without it the bus has no subscribers. `--cpu N` keeps
+the process on one CPU, as `CPUAffinity=` in deploy/kinetic-empire.service does: the event loop and the
+ledger thread then hand work to each other without waking a second CPU.
 """
 
 from __future__ import annotations
@@ -463,9 +465,14 @@ def main() -> None:
     parser.add_argument("--gap-ms", type=float, default=2.0, help="idle time before each update")
     parser.add_argument("--journal", action="store_true", help="also run the journal writer on the bus")
     parser.add_argument("--breakdown", action="store_true", help="also time each stage of the path")
+    parser.add_argument("--cpu", type=int, default=None,
+                        help="run on this one CPU, as systemd's CPUAffinity= would (default: any)")
     args = parser.parse_args()
     if args.orders < 2 or args.repeat < 1 or args.warmup < 0:
         parser.error("need --orders >= 2, --repeat >= 1 and --warmup >= 0")
+    if args.cpu is not None:
+        # Before any thread exists, so the ledger's threads inherit it, as under systemd.
+        os.sched_setaffinity(0, {args.cpu})
     # The daemon's log pipeline (JSON, scrubbed), written to /dev/null: its cost stays, its lines do not.
     with open(os.devnull, "w") as sink:
         configure_logging("json", "INFO", stream=sink)
@@ -476,7 +483,8 @@ def main() -> None:
 
 def report(args: argparse.Namespace, results: list[RunResult]) -> None:
     print(f"tick to order (update published -> PaperExchange.create_order returned), {SYMBOL}, "
-          f"{'with' if args.journal else 'without'} journal writer, gap {args.gap_ms:g} ms")
+          f"{'with' if args.journal else 'without'} journal writer, gap {args.gap_ms:g} ms, "
+          f"{'any CPU' if args.cpu is None else f'CPU {args.cpu} only'}")
     for i, res in enumerate(results, 1):
         print(f"run {i}: closed trades {res.closed}, denied {res.denied}, rejected {res.rejected}, "
               f"engine sells after the exchange's stop filled {res.sells_after_exchange_stop}"
