@@ -471,6 +471,9 @@ def main() -> None:
     if args.orders < 2 or args.repeat < 1 or args.warmup < 0:
         parser.error("need --orders >= 2, --repeat >= 1 and --warmup >= 0")
     if args.cpu is not None:
+        allowed = sorted(os.sched_getaffinity(0))
+        if args.cpu not in allowed:
+            parser.error(f"--cpu {args.cpu}: this process may run on CPUs {allowed}")
         # Before any thread exists, so the ledger's threads inherit it, as under systemd.
         os.sched_setaffinity(0, {args.cpu})
     # The daemon's log pipeline (JSON, scrubbed), written to /dev/null: its cost stays, its lines do not.

@@ -26,20 +26,28 @@ class UpdateSignal:
         self._wakes = 0
         self._event = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
+        self._notifying = False
 
     @property
     def version(self) -> int:
         return self._version
 
     def bump(self) -> int:
-        """A new version: listeners run first, in the order they were added, then waiters wake. A
-        listener that raises is a bug on the caller's side (the feed's task): it propagates, after
-        the waiters have been released all the same."""
+        """A new version: listeners run first, in the order they were added, then waiters wake.
+
+        A listener must not raise (the paper exchanges hand their errors to their own task); one
+        that does is a bug, raised to whoever bumped (the feed's task) after the waiters have been
+        released all the same, and the listeners after it miss this version. Nor may a listener
+        bump: it would run every listener again inside itself."""
+        if self._notifying:
+            raise RuntimeError("UpdateSignal.bump() called from inside one of its listeners")
         self._version += 1
+        self._notifying = True
         try:
             for listener in tuple(self._listeners):
                 listener()
         finally:
+            self._notifying = False
             self._release()
         return self._version
 

@@ -195,7 +195,8 @@ class PaperExchange:
         self._last_price: dict[str, Decimal] = {}
         self._unpriced_warned: set[str] = set()
         self._closed = False
-        self._closing = asyncio.Event()
+        self._run_ends = asyncio.Event()  # closed, or the matching raised (`_failure`)
+        self._failure: Exception | None = None
 
     # --- markets ------------------------------------------------------------------------------------
 
@@ -294,9 +295,9 @@ class PaperExchange:
         return []  # spot holds assets, not positions
 
     async def close(self) -> None:
-        """End `run()`; state stays readable."""
+        """Stop matching on price updates and end `run()`; state stays readable."""
         self._closed = True
-        self._closing.set()
+        self._run_ends.set()
 
     # --- valuation ----------------------------------------------------------------------------------
 
@@ -344,16 +345,28 @@ class PaperExchange:
 
         The work is done inside the feed's update (`MarketFeed.on_update`), before any engine wakes to
         the new price: a stop the price ran through has filled by the time an engine looks, as on a
-        real venue, and no task of ours sits between a price update and the engines."""
+        real venue, and no task of ours sits between a price update and the engines.
+
+        An error in the matching ends this task with that error, as it did when the matching ran
+        here: the Orchestrator treats a dead paper task as a crash, and the restart rebuilds the book
+        from the ledger. It is not raised into the feed, whose task would log it and go on."""
         remove = self._feed.on_update(self._settle)
         try:
             self.process_prices()
-            await self._closing.wait()
+            await self._run_ends.wait()
+            if self._failure is not None:
+                raise self._failure
         finally:
             remove()
 
     def _settle(self) -> None:
-        self.process_prices()
+        if self._closed or self._failure is not None:
+            return  # closed, or the book may be half-worked: nothing more until the restart
+        try:
+            self.process_prices()
+        except Exception as exc:
+            self._failure = exc
+            self._run_ends.set()
 
     # --- restart ------------------------------------------------------------------------------------
 

@@ -357,7 +357,8 @@ class PaperFuturesExchange:
         self._last_price: dict[str, Decimal] = {}
         self._funded_until = self._boundary(clock.now())
         self._closed = False
-        self._closing = asyncio.Event()
+        self._run_ends = asyncio.Event()  # closed, or the matching raised (`_failure`)
+        self._failure: Exception | None = None
 
     # --- markets and leverage -------------------------------------------------------------------------
 
@@ -483,9 +484,9 @@ class PaperFuturesExchange:
         return out
 
     async def close(self) -> None:
-        """End `run()`; state stays readable."""
+        """Stop matching on price updates and end `run()`; state stays readable."""
         self._closed = True
-        self._closing.set()
+        self._run_ends.set()
 
     # --- account views --------------------------------------------------------------------------------
 
@@ -536,8 +537,8 @@ class PaperFuturesExchange:
     async def run(self) -> None:
         """Work orders, liquidations and funding on every price change, and at each funding time even
         when prices are quiet, until closed (the Orchestrator owns this task). Price changes are worked
-        inside the feed's update, before any engine wakes (see `PaperExchange.run`); this task only
-        keeps the funding times."""
+        inside the feed's update, before any engine wakes (see `PaperExchange.run`, also for how an
+        error in the matching ends this task); this task only keeps the funding times."""
         remove = self._feed.on_update(self._settle)
         try:
             self.process_prices()
@@ -546,9 +547,11 @@ class PaperFuturesExchange:
                 wait = min(self._idle_wait, max(until_funding, 0.0))
                 if wait > 0:
                     with contextlib.suppress(TimeoutError):
-                        await self._clock.wait_for(self._closing.wait(), wait)
+                        await self._clock.wait_for(self._run_ends.wait(), wait)
                 else:
                     await self._clock.sleep(0)  # funding is due now: still let the loop breathe first
+                if self._failure is not None:
+                    raise self._failure
                 if self._closed:
                     break
                 self.process_prices()
@@ -556,7 +559,13 @@ class PaperFuturesExchange:
             remove()
 
     def _settle(self) -> None:
-        self.process_prices()
+        if self._closed or self._failure is not None:
+            return  # closed, or the book may be half-worked: nothing more until the restart
+        try:
+            self.process_prices()
+        except Exception as exc:
+            self._failure = exc
+            self._run_ends.set()
 
     # --- restart --------------------------------------------------------------------------------------
 

@@ -15,10 +15,11 @@ so that slow work never lands on a commit in the order path (see `_Checkpointer`
 The open positions and the orders still in play (pending, unknown, open, partly filled) are also kept
 in memory (`_Mirror`), so the reads an engine makes between a price update and its order (its
 positions, its resting stops) need no trip to the ledger thread. The ledger thread rebuilds the
-mirror's touched rows from the database inside each write's transaction and publishes the new mirror
-right after the commit, before the writer hears back: a caller always reads its own writes, and the
-mirror only ever shows what is committed. This process is the ledger's only writer (the DATA_DIR
-lock), so nothing else can change those rows behind it.
+mirror's touched rows from the database inside each write's transaction (an order row being inserted
+is taken as written) and publishes the new mirror right after the commit, before the writer hears
+back: a caller always reads its own writes, and the mirror only ever shows what is committed. This
+process is the ledger's only writer (the DATA_DIR lock), so nothing else can change those rows
+behind it.
 """
 
 from __future__ import annotations
@@ -452,10 +453,13 @@ def _transaction(conn: sqlite3.Connection, work: Callable[[], T], write: bool) -
     conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
     try:
         result = work()
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # A failed COMMIT (disk full, I/O error) leaves the transaction open: close it, or the next
+        # call's statements would silently join it and never be committed.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return result
 
 
@@ -854,13 +858,24 @@ class Ledger:
         on this path: each statement hands the GIL back and forth with the event loop, which is
         meanwhile starting the order's task, and the order waits for every hand-off (about 7 us at
         the median, see bench/tick_to_order_bench.py). The row is exactly `written`, so the mirror
-        takes it without reading it back, and is published only after the statement has committed."""
+        takes it without reading it back, and is published only after the statement has committed.
+
+        Inside an unfinished transaction the INSERT would join it instead of committing, and the
+        order would be sent on a row that is not durable: refused (`_transaction` never leaves one
+        open, so this is a broken invariant, not a case to handle)."""
+        if self._conn.in_transaction:
+            raise InvariantError(
+                f"ledger {self.path}: a transaction is still open; refusing to write order "
+                f"{written.client_order_id} into it"
+            )
         try:
             rowid = self._conn.execute(_INSERT_ORDER, row).lastrowid
         except sqlite3.IntegrityError as exc:
-            raise InvariantError(
-                f"order {written.client_order_id} is already in the ledger; refusing a duplicate"
-            ) from exc
+            if exc.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
+                raise InvariantError(
+                    f"order {written.client_order_id} is already in the ledger; refusing a duplicate"
+                ) from exc
+            raise InvariantError(f"order {written.client_order_id} refused by the ledger: {exc}") from exc
         if written.state in IN_PLAY:
             current = self._mirror
             orders = dict(current.orders)

@@ -60,3 +60,11 @@ async def test_a_failing_listener_propagates_but_waiters_still_wake() -> None:
         signal.bump()
     await settle()
     assert task.done() and woke == [1]
+
+
+async def test_a_listener_may_not_bump_the_signal_it_listens_to() -> None:
+    signal = UpdateSignal(SimClock())
+    signal.add_listener(signal.bump)
+    with pytest.raises(RuntimeError, match="inside one of its listeners"):
+        signal.bump()
+    assert signal.version == 1  # the outer bump stands; no nested one happened

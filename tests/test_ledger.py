@@ -93,6 +93,56 @@ async def test_duplicate_order_insert_raises_and_keeps_the_first(ledger: Ledger)
     assert got is not None and got.amount == D("1")
 
 
+async def test_an_order_row_is_never_written_into_an_unfinished_transaction(ledger: Ledger) -> None:
+    """The order row is one autocommit INSERT: inside an open transaction it would not commit, and the
+    order would go out on a row that is not durable. Refused, and nothing shows in the mirror."""
+    await ledger._thread.call(ledger._conn.execute, "BEGIN")
+    with pytest.raises(InvariantError, match="transaction is still open"):
+        await ledger.insert_order(make_order("ke-open"))
+    assert await ledger.orders_in_states([OrderState.PENDING]) == []  # the mirror, no ledger call
+    await ledger._thread.call(ledger._conn.execute, "ROLLBACK")
+    await ledger.insert_order(make_order("ke-open"))
+    other = sqlite3.connect(ledger.path)
+    try:
+        assert other.execute("SELECT COUNT(*) FROM orders WHERE client_order_id = 'ke-open'").fetchone() == (1,)
+    finally:
+        other.close()
+
+
+def test_a_failed_commit_is_rolled_back_not_left_open() -> None:
+    from storage.ledger import _transaction
+
+    class Conn:
+        """Enough of a connection to fail at COMMIT, as a full disk would."""
+
+        def __init__(self) -> None:
+            self.statements: list[str] = []
+            self.in_transaction = False
+
+        def execute(self, sql: str) -> None:
+            self.statements.append(sql)
+            if sql.startswith("BEGIN"):
+                self.in_transaction = True
+            elif sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            elif sql == "ROLLBACK":
+                self.in_transaction = False
+
+    conn = Conn()
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        _transaction(conn, lambda: "written", True)  # type: ignore[arg-type]
+    assert conn.statements == ["BEGIN IMMEDIATE", "COMMIT", "ROLLBACK"] and not conn.in_transaction
+
+
+async def test_an_order_row_the_schema_refuses_is_not_called_a_duplicate(ledger: Ledger) -> None:
+    order = make_order("ke-bad")
+    row = ("ke-bad", None, "spot", "BTC/USDT", "buy", "market", "1", None, None, 0, "pending", T0, T0, "0",
+           None, None, None, "")  # engine NULL
+    with pytest.raises(InvariantError, match="refused by the ledger") as raised:
+        await ledger._thread.call(ledger._insert_order_row, row, order)
+    assert "duplicate" not in str(raised.value)
+
+
 async def test_float_money_is_refused(ledger: Ledger) -> None:
     order = make_order("ke-1")
     order.amount = 0.1  # type: ignore[assignment]

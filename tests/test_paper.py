@@ -551,3 +551,48 @@ async def test_a_stop_fills_inside_the_price_update_before_an_engine_wakes() -> 
     assert task.done() and task.exception() is None
     feed.set("BTC/USDT", "27900.00", "27950.00")
     assert [u.client_order_id for u in seen] == ["s1"]  # the book no longer listens
+
+
+async def test_a_matching_error_ends_run_with_it_and_never_reaches_the_feed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As when the matching ran in its own task: the error ends run() (the Orchestrator's crash path,
+    the restart rebuilds the book), the feed's update goes through, and nothing more is matched."""
+    ex, feed, clock = make()
+    feed.set("BTC/USDT", "30000.00", "30001.00")
+    task = asyncio.create_task(ex.run())
+    await clock.advance(0)
+    calls: list[int] = []
+
+    def broken() -> list[OrderUpdate]:
+        calls.append(feed.version)
+        raise ValueError("matching bug")
+
+    monkeypatch.setattr(ex, "process_prices", broken)
+    feed.set("BTC/USDT", "29000.00", "29001.00")  # does not raise here
+    feed.set("BTC/USDT", "28000.00", "28001.00")
+    await clock.advance(0)
+    assert task.done() and isinstance(task.exception(), ValueError)
+    assert len(calls) == 1  # the half-worked book is left alone until the restart
+    assert feed.signal._listeners == []
+
+
+async def test_cancelling_run_removes_its_listener_and_close_stops_matching_at_once() -> None:
+    seen: list[OrderUpdate] = []
+    ex, feed, clock = make(on_fill=seen.append)
+    feed.set("BTC/USDT", "30000.00", "30001.00")
+    await ex.create_order(req("l1", Side.BUY, "0.1", otype=OrderType.LIMIT, price="29000"))
+    task = asyncio.create_task(ex.run())
+    await clock.advance(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert feed.signal._listeners == []
+
+    second = asyncio.create_task(ex.run())
+    await clock.advance(0)
+    await ex.close()
+    feed.set("BTC/USDT", "28900.00", "28950.00")  # before run() has even seen the close
+    assert seen == []
+    await clock.advance(0)
+    assert second.done() and second.exception() is None

@@ -782,3 +782,49 @@ def test_satisfies_the_exchange_protocol() -> None:
     assert as_protocol.market(BTC) is MARKETS[BTC]
     with pytest.raises(DependencyError):
         ex.market("XRP/USDT:USDT")
+
+
+# --- matching inside the feed's update ---------------------------------------------------------------
+
+
+async def test_a_stop_fills_inside_the_price_update_and_errors_end_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run() works orders within the feed's update (a consumer woken by it finds the stop filled); a
+    matching error ends run() with it instead of reaching the feed; cancelling removes the listener."""
+    seen: list[OrderUpdate] = []
+    ex, feed, clock = make(on_fill=seen.append)
+    feed.at(BTC, "30000.0")
+    await ex.create_order(req("o1", Side.BUY, "0.1", leverage=5))
+    await ex.create_order(req("s1", Side.SELL, "0.1", otype=OrderType.STOP_MARKET, stop="29000",
+                              reduce_only=True))
+    task = asyncio.create_task(ex.run())
+    await clock.advance(0)
+    found: list[list[str]] = []
+
+    async def consumer() -> None:
+        await feed.wait_update(feed.version, 10)
+        found.append([u.client_order_id for u in seen])
+
+    waiting = asyncio.create_task(consumer())
+    await clock.advance(0)
+    feed.at(BTC, "28900.0")
+    assert [u.client_order_id for u in seen] == ["s1"]
+    await clock.advance(0)
+    assert waiting.done() and found == [["s1"]]
+
+    def broken() -> list[OrderUpdate]:
+        raise ValueError("matching bug")
+
+    monkeypatch.setattr(ex, "process_prices", broken)
+    feed.at(BTC, "28800.0")  # does not raise here
+    await clock.advance(0)
+    assert task.done() and isinstance(task.exception(), ValueError)
+    assert feed.signal._listeners == []
+
+    monkeypatch.undo()
+    again = asyncio.create_task(make(feed=feed, clock=clock)[0].run())
+    await clock.advance(0)
+    assert len(feed.signal._listeners) == 1
+    again.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await again
+    assert feed.signal._listeners == []
