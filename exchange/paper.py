@@ -144,6 +144,36 @@ def _exchange_order_id(client_order_id: str) -> str:
     return f"paper-{client_order_id}"
 
 
+class MatchingOnUpdates:
+    """A paper venue's matching, run inside each of the feed's updates (`MarketFeed.on_update`) and
+    ended by `close()` or by its own error, which goes to the venue's `run()` task, never into the
+    feed's: the feed would log it and go on with a half-worked book, where a dead paper task is the
+    Orchestrator's crash path and the restart rebuilds the book from the ledger."""
+
+    def __init__(self, match: Callable[[], object]) -> None:
+        self._match = match
+        self.closed = False
+        self.failure: Exception | None = None
+        self.ended = asyncio.Event()  # closed, or the matching raised
+
+    def settle(self) -> None:
+        if self.closed or self.failure is not None:
+            return  # closed, or the book may be half-worked: nothing more until the restart
+        try:
+            self._match()
+        except Exception as exc:
+            self.failure = exc
+            self.ended.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ended.set()
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
 class PaperExchange:
     """Spot paper trading. Market orders fill at once; LIMIT and STOP_MARKET orders rest until
     `process_prices()` (driven by `run()` or by the caller) finds them crossed.
@@ -194,9 +224,7 @@ class PaperExchange:
         self._trades: list[Fill] = []
         self._last_price: dict[str, Decimal] = {}
         self._unpriced_warned: set[str] = set()
-        self._closed = False
-        self._run_ends = asyncio.Event()  # closed, or the matching raised (`_failure`)
-        self._failure: Exception | None = None
+        self._matching = MatchingOnUpdates(lambda: self.process_prices())  # late-bound: what process_prices is now
 
     # --- markets ------------------------------------------------------------------------------------
 
@@ -296,8 +324,7 @@ class PaperExchange:
 
     async def close(self) -> None:
         """Stop matching on price updates and end `run()`; state stays readable."""
-        self._closed = True
-        self._run_ends.set()
+        self._matching.close()
 
     # --- valuation ----------------------------------------------------------------------------------
 
@@ -345,28 +372,15 @@ class PaperExchange:
 
         The work is done inside the feed's update (`MarketFeed.on_update`), before any engine wakes to
         the new price: a stop the price ran through has filled by the time an engine looks, as on a
-        real venue, and no task of ours sits between a price update and the engines.
-
-        An error in the matching ends this task with that error, as it did when the matching ran
-        here: the Orchestrator treats a dead paper task as a crash, and the restart rebuilds the book
-        from the ledger. It is not raised into the feed, whose task would log it and go on."""
-        remove = self._feed.on_update(self._settle)
+        real venue, and no task of ours sits between a price update and the engines. An error in
+        the matching ends this task with it (see `MatchingOnUpdates`)."""
+        remove = self._feed.on_update(self._matching.settle)
         try:
             self.process_prices()
-            await self._run_ends.wait()
-            if self._failure is not None:
-                raise self._failure
+            await self._matching.ended.wait()
+            self._matching.raise_failure()
         finally:
             remove()
-
-    def _settle(self) -> None:
-        if self._closed or self._failure is not None:
-            return  # closed, or the book may be half-worked: nothing more until the restart
-        try:
-            self.process_prices()
-        except Exception as exc:
-            self._failure = exc
-            self._run_ends.set()
 
     # --- restart ------------------------------------------------------------------------------------
 
@@ -608,6 +622,7 @@ class PaperExchange:
 
 __all__ = [
     "FillCallback",
+    "MatchingOnUpdates",
     "PaperExchange",
     "apply_fill",
     "fee_for",

@@ -33,7 +33,6 @@ wallet is exact whatever order the ledger hands the history back in.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -57,7 +56,7 @@ from exchange.base import (
     quantize_down,
     quantize_price,
 )
-from exchange.paper import FillCallback, fee_for, taker_price
+from exchange.paper import FillCallback, MatchingOnUpdates, fee_for, taker_price
 
 log = structlog.get_logger("paper_futures")
 # The stdlib logger behind `log`. A filtered structlog call still binds and builds its arguments
@@ -356,9 +355,7 @@ class PaperFuturesExchange:
         self._seq = 0
         self._last_price: dict[str, Decimal] = {}
         self._funded_until = self._boundary(clock.now())
-        self._closed = False
-        self._run_ends = asyncio.Event()  # closed, or the matching raised (`_failure`)
-        self._failure: Exception | None = None
+        self._matching = MatchingOnUpdates(lambda: self.process_prices())  # late-bound: what process_prices is now
 
     # --- markets and leverage -------------------------------------------------------------------------
 
@@ -485,8 +482,7 @@ class PaperFuturesExchange:
 
     async def close(self) -> None:
         """Stop matching on price updates and end `run()`; state stays readable."""
-        self._closed = True
-        self._run_ends.set()
+        self._matching.close()
 
     # --- account views --------------------------------------------------------------------------------
 
@@ -539,33 +535,24 @@ class PaperFuturesExchange:
         when prices are quiet, until closed (the Orchestrator owns this task). Price changes are worked
         inside the feed's update, before any engine wakes (see `PaperExchange.run`, also for how an
         error in the matching ends this task); this task only keeps the funding times."""
-        remove = self._feed.on_update(self._settle)
+        matching = self._matching
+        remove = self._feed.on_update(matching.settle)
         try:
             self.process_prices()
-            while not self._closed:
+            while not matching.closed:
                 until_funding = self._funded_until + self._interval - self._clock.now()
                 wait = min(self._idle_wait, max(until_funding, 0.0))
                 if wait > 0:
                     with contextlib.suppress(TimeoutError):
-                        await self._clock.wait_for(self._run_ends.wait(), wait)
+                        await self._clock.wait_for(matching.ended.wait(), wait)
                 else:
                     await self._clock.sleep(0)  # funding is due now: still let the loop breathe first
-                if self._failure is not None:
-                    raise self._failure
-                if self._closed:
+                matching.raise_failure()
+                if matching.closed:
                     break
                 self.process_prices()
         finally:
             remove()
-
-    def _settle(self) -> None:
-        if self._closed or self._failure is not None:
-            return  # closed, or the book may be half-worked: nothing more until the restart
-        try:
-            self.process_prices()
-        except Exception as exc:
-            self._failure = exc
-            self._run_ends.set()
 
     # --- restart --------------------------------------------------------------------------------------
 
