@@ -501,10 +501,24 @@ class Orchestrator:
         self._own(self._supervise(), "supervisor")
 
     # --- supervision -----------------------------------------------------------------------------
+    def _feed_died(self) -> bool:
+        """A market feed whose own task died sends no more prices: engines would go on beating and
+        only warn of stale data. That is a crash: stop, and let systemd restart from the ledger."""
+        for feed in {id(f): f for f in self.feeds.values()}.values():
+            exc = feed.failure()
+            if exc is not None:
+                log.error("market feed died", feed=type(feed).__name__, error=repr(exc), exc_info=exc)
+                self._crashed = True
+                self.request_stop("market feed died")
+                return True
+        return False
+
     async def _supervise(self) -> None:
         sup = self._supervisor()
         interval = self.settings.health_check_interval_seconds
         while not self._stop.is_set():
+            if self._feed_died():
+                return
             await sup.tick()
             await self._refresh_books()
             await self._update_risk()

@@ -135,6 +135,11 @@ class MarketFeed(Protocol):
         (the paper exchanges settle resting orders there). Returns the function that removes it."""
         ...
 
+    def failure(self) -> BaseException | None:
+        """The error that ended the feed's own task, if it died: prices have stopped for good, which
+        the Orchestrator treats as a crash (the engines alone would only see stale data)."""
+        ...
+
     @property
     def finished(self) -> bool:
         """True when a replay has run out of data (live feeds never finish)."""

@@ -232,6 +232,12 @@ class LiveFeed:
     def on_update(self, listener: Callable[[], None]) -> Callable[[], None]:
         return self._signal.add_listener(listener)
 
+    def failure(self) -> BaseException | None:
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
     # --- polling ------------------------------------------------------------------------------------
 
     async def poll_once(self, *, candles: bool = True) -> bool:

@@ -278,6 +278,12 @@ class ReplayFeed:
     def on_update(self, listener: Callable[[], None]) -> Callable[[], None]:
         return self._signal.add_listener(listener)
 
+    def failure(self) -> BaseException | None:
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
     # --- driving ------------------------------------------------------------------------------------
 
     def step(self) -> bool:

@@ -59,6 +59,24 @@ async def test_a_dying_service_task_stops_the_daemon_as_a_crash(tmp_path: Path) 
     assert orch.crashed, "main turns this into exit code 1"
 
 
+async def test_a_dead_market_feed_stops_the_daemon_as_a_crash(tmp_path: Path) -> None:
+    """The replay's stepping task is the feed's own: if it dies, no price comes again, and engines alone
+    would only warn of stale data. The supervisor sees it and stops as a crash."""
+    orch = make(tmp_path)
+    task = asyncio.ensure_future(orch.run())
+    await asyncio.wait_for(orch.ready.wait(), 30)
+    feed = orch.feeds["spot"]
+    assert feed.failure() is None
+
+    def broken() -> bool:
+        raise RuntimeError("replay data corrupt")
+
+    feed.step = broken  # type: ignore[attr-defined]
+    await asyncio.wait_for(task, 30)
+    assert orch.crashed, "main turns this into exit code 1"
+    assert orch._stop_reason == "market feed died"
+
+
 async def test_order_send_outlives_a_cancelled_caller_and_reduce_only_is_clamped(tmp_path: Path) -> None:
     orch = make(tmp_path, spot_rsi_min=99.99, spot_rsi_max=100)  # the strategy itself never enters
     task = asyncio.ensure_future(orch.run())
