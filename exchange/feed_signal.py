@@ -83,3 +83,11 @@ class UpdateSignal:
             except TimeoutError:
                 break
         return self._version
+
+
+def task_failure(task: asyncio.Task[None] | None) -> BaseException | None:
+    """What ended a feed's own task, if it died (`MarketFeed.failure`): None while it runs, when it
+    finished or was cancelled, or before it started."""
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception()

@@ -25,7 +25,7 @@ from core.clock import Clock
 from core.errors import DependencyError, OperationalError, TemporaryError
 from core.types import CandleSeries, MarketType, Ticker
 from exchange.candles import CandleArrays, clean_rows, timeframe_seconds
-from exchange.feed_signal import UpdateSignal
+from exchange.feed_signal import UpdateSignal, task_failure
 
 log = structlog.get_logger("feed")
 
@@ -233,10 +233,7 @@ class LiveFeed:
         return self._signal.add_listener(listener)
 
     def failure(self) -> BaseException | None:
-        task = self._task
-        if task is None or not task.done() or task.cancelled():
-            return None
-        return task.exception()
+        return task_failure(self._task)
 
     # --- polling ------------------------------------------------------------------------------------
 

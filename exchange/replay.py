@@ -30,7 +30,7 @@ from exchange.candles import (
     timeframe_seconds,
     to_decimal_text,
 )
-from exchange.feed_signal import UpdateSignal
+from exchange.feed_signal import UpdateSignal, task_failure
 
 log = structlog.get_logger("feed")
 
@@ -279,10 +279,7 @@ class ReplayFeed:
         return self._signal.add_listener(listener)
 
     def failure(self) -> BaseException | None:
-        task = self._task
-        if task is None or not task.done() or task.cancelled():
-            return None
-        return task.exception()
+        return task_failure(self._task)
 
     # --- driving ------------------------------------------------------------------------------------
 

@@ -68,3 +68,25 @@ async def test_a_listener_may_not_bump_the_signal_it_listens_to() -> None:
     with pytest.raises(RuntimeError, match="inside one of its listeners"):
         signal.bump()
     assert signal.version == 1  # the outer bump stands; no nested one happened
+
+
+async def test_task_failure_names_only_an_error_that_ended_the_task() -> None:
+    from exchange.feed_signal import task_failure
+
+    async def dies() -> None:
+        raise RuntimeError("feed broke")
+
+    async def ends() -> None:
+        return None
+
+    async def waits() -> None:
+        await asyncio.sleep(10)
+
+    died, ended, running = (asyncio.ensure_future(c) for c in (dies(), ends(), waits()))
+    await settle()
+    assert task_failure(None) is None
+    assert isinstance(task_failure(died), RuntimeError)
+    assert task_failure(ended) is None and task_failure(running) is None
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    assert task_failure(running) is None
