@@ -103,6 +103,10 @@ class FillOutcome(Protocol):
 class OrderStore(Protocol):
     def insert_order(self, order: Order) -> Awaitable[None]: ...
 
+    def log_order(self, order: Order) -> Awaitable[None] | None:
+        """The row made durable now (the order may be sent at once), its commit returned to await
+        after the send; None when the store cannot do that for this row (then `insert_order`)."""
+
     async def update_order(
         self,
         client_order_id: str,
@@ -122,6 +126,16 @@ class OrderStore(Protocol):
     async def record_fill(self, fill: Fill, *, leverage: int = 1) -> FillOutcome: ...
 
     async def next_sequence(self, name: str) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Started:
+    """An order whose row `submit` has written: `logged`, durable already (send, then await
+    `committing`); otherwise await `committing` before sending."""
+
+    order: Order
+    committing: Awaitable[None]
+    logged: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -198,14 +212,19 @@ class OrderManager:
         engine restart, shutdown, a Telegram timeout) never cuts an order off between the exchange's
         answer and the ledger, where its fill would be lost. `drain()` waits for such orphans.
 
-        When the current block still has an id, the order row is queued for the ledger here, before
-        the task is created: the ledger thread writes it while the loop gets round to the task, instead
-        of after.
+        When the current block still has an id, the order row is written here, before the task is
+        created: into the store's intent log when it can take it (durable at once, so the task sends
+        without waiting for the commit), else queued for the ledger thread, which then commits it while
+        the loop gets round to the task.
         """
-        started: tuple[Order, Awaitable[None]] | None = None
+        started: _Started | None = None
         if self._seq_next < self._seq_end:
             order = self._new_order(intent, self._take_id())
-            started = order, self.store.insert_order(order)
+            committing = self.store.log_order(order)
+            if committing is not None:
+                started = _Started(order, committing, logged=True)
+            else:
+                started = _Started(order, self.store.insert_order(order), logged=False)
         task = asyncio.ensure_future(self._submit(intent, started))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -240,13 +259,16 @@ class OrderManager:
             reason=intent.reason,
         )
 
-    async def _submit(self, intent: OrderIntent, started: tuple[Order, Awaitable[None]] | None) -> SubmitResult:
+    async def _submit(self, intent: OrderIntent, started: _Started | None) -> SubmitResult:
+        committing: Awaitable[None] | None = None  # the row's commit, when the send need not wait for it
         if started is None:
             order = self._new_order(intent, await self.new_client_order_id())
             await self.store.insert_order(order)
+        elif started.logged:
+            order, committing = started.order, started.committing
         else:
-            order, inserted = started
-            await inserted
+            order = started.order
+            await started.committing
         cid = order.client_order_id
         request = OrderRequest(
             client_order_id=cid,
@@ -260,7 +282,7 @@ class OrderManager:
             leverage=intent.leverage,
         )
         try:
-            update = await self.clock.wait_for(self.exchange.create_order(request), self.send_timeout)
+            update = await self._send(request, committing)
         except (RateLimited, ClockSkew) as exc:
             # Refused before it did anything (Binance places nothing on 429/418/-1003 or -1021), so there
             # is nothing to look for. Not resent either: the engine decides again on fresh prices, and
@@ -295,6 +317,16 @@ class OrderManager:
             )
         )
         return await self.apply_update(order, update)
+
+    async def _send(self, request: OrderRequest, committing: Awaitable[None] | None) -> OrderUpdate:
+        """Send once. A row that went out before its commit is committed before anything else about the
+        order is recorded, whatever the send did: the commit's own failure (a broken invariant; the row
+        stays in the intent log for the next start) outranks the send's."""
+        try:
+            return await self.clock.wait_for(self.exchange.create_order(request), self.send_timeout)
+        finally:
+            if committing is not None:
+                await committing
 
     async def _rejected(self, order: Order, reason: str) -> SubmitResult:
         await self.store.update_order(order.client_order_id, state=OrderState.REJECTED)

@@ -1,9 +1,11 @@
 """The daemon's memory: orders, fills, positions, closed trades, engine/risk state and the journal.
 
 Intent before action: an order row (with its client order id) is written before the order is sent,
-and a restart resumes from what is here. Every call is one SQLite transaction, so a crash (SIGKILL
-included) leaves either all of a fill's effects (fill, position, closed trade, order progress) or
-none of them.
+and a restart resumes from what is here. On the order path the row goes into the intent log first
+(`log_order`, see `storage.intent_log`: a memory copy that outlives the process, as a commit does) and
+is committed right behind the send; any row the log holds at open is committed before anything reads.
+Every call is one SQLite transaction, so a crash (SIGKILL included) leaves either all of a fill's
+effects (fill, position, closed trade, order progress) or none of them.
 
 SQLite calls block, so none of them runs on the event loop: one dedicated thread owns the connection
 and the async methods hand work to it. One thread also means calls are applied in the order they
@@ -45,6 +47,7 @@ import structlog
 from core.clock import DAY_SECONDS, Clock, start_of_utc_day, utc_datetime
 from core.errors import InvariantError
 from core.types import ZERO, Fill, MarketType, Order, OrderState, OrderType, Position, PositionSide, Side
+from storage.intent_log import IntentLog, LoggedRow
 from storage.schema import file_version, migrate, refuse_newer
 
 log = structlog.get_logger("ledger")
@@ -403,7 +406,25 @@ def _copy_order(o: Order) -> Order:
                  o.exchange_order_id, o.leverage, o.reason)
 
 
-_INSERT_ORDER = "INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+# The orders table's columns, in the order `_order_row` gives their values.
+_ORDER_COLUMNS = (
+    "client_order_id", "engine", "market", "symbol", "side", "order_type", "amount", "price", "stop_price",
+    "reduce_only", "state", "created_at", "updated_at", "filled", "avg_price", "exchange_order_id", "leverage",
+    "reason",
+)
+_INSERT_ORDER = f"INSERT INTO orders ({', '.join(_ORDER_COLUMNS)}) VALUES ({', '.join('?' * len(_ORDER_COLUMNS))})"
+
+
+def _order_row(order: Order) -> tuple[object, ...]:
+    """The order as the values of `_ORDER_COLUMNS`."""
+    return (
+        order.client_order_id, order.engine, str(order.market), order.symbol, str(order.side),
+        str(order.order_type), _money(order.amount, "amount"), _money_or_none(order.price, "price"),
+        _money_or_none(order.stop_price, "stop_price"), int(order.reduce_only), str(order.state),
+        order.created_at, order.updated_at, _money(order.filled, "filled"),
+        _money_or_none(order.avg_price, "avg_price"), order.exchange_order_id, order.leverage,
+        order.reason,
+    )
 
 
 def _load_mirror(conn: sqlite3.Connection) -> _Mirror:
@@ -442,9 +463,61 @@ def _connect(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
     return conn
 
 
-def _discard(made: list[sqlite3.Connection]) -> None:
+def _discard(made: list[sqlite3.Connection], logs: list[IntentLog]) -> None:
     for conn in made:
         conn.close()
+    for intents in logs:
+        intents.close()
+
+
+def intent_log_path(path: Path) -> Path:
+    """The intent log beside the ledger file (and its -wal and -shm): delete or move them together."""
+    return path.with_name(path.name + "-intents")
+
+
+def _recover_intents(conn: sqlite3.Connection, path: Path, found: list[LoggedRow], fresh: bool) -> list[str]:
+    """Ledger thread, at open: commit the rows a previous process logged but never committed (it died
+    between logging an order and its commit), as they were written, i.e. pending: reconciliation then
+    asks the exchange for each by client order id. Returns their ids. A row the database refuses is a
+    broken invariant, and the ledger does not open: that order may be on the exchange."""
+    if not found:
+        return []
+    if fresh:
+        # The database was deleted and its log kept: these rows belong to a ledger that is gone.
+        log.warning("intent log ignored: its ledger database is new", path=str(intent_log_path(path)),
+                    rows=len(found))
+        return []
+    columns = {r["name"] for r in conn.execute("PRAGMA table_info(orders)")}
+    recovered: list[str] = []
+
+    def work() -> None:
+        for record in found:
+            row = record.row
+            cid = row.get("client_order_id")
+            unknown = sorted(set(row) - columns)
+            if not isinstance(cid, str) or unknown:
+                raise InvariantError(
+                    f"intent log {intent_log_path(path)}: record {record.seq} is not an order row this "
+                    f"ledger can take (columns {unknown or 'without client_order_id'})"
+                )
+            if conn.execute("SELECT 1 FROM orders WHERE client_order_id = ?", (cid,)).fetchone():
+                continue  # committed after all (the process died before giving the slot back)
+            try:
+                conn.execute(f"INSERT INTO orders ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             tuple(row.values()))
+            except sqlite3.Error as exc:
+                raise InvariantError(
+                    f"order {cid} from the intent log {intent_log_path(path)} cannot be written to the "
+                    f"ledger ({exc}). It may have been sent: check the exchange for this client order id, "
+                    f"then move the intent log aside to start."
+                ) from exc
+            recovered.append(cid)
+
+    _transaction(conn, work, write=True)
+    for cid in recovered:
+        log.warning("order recovered from the intent log; reconciliation asks the exchange for it",
+                    client_order_id=cid)
+    return recovered
 
 
 def _transaction(conn: sqlite3.Connection, work: Callable[[], T], write: bool) -> T:
@@ -690,12 +763,13 @@ class Ledger:
     is one transaction on the ledger thread."""
 
     def __init__(self, path: Path, clock: Clock, thread: _LedgerThread, checkpointer: _Checkpointer,
-                 conn: sqlite3.Connection, mirror: _Mirror) -> None:
+                 conn: sqlite3.Connection, intents: IntentLog, mirror: _Mirror) -> None:
         self.path = path
         self.clock = clock
         self._thread = thread
         self._checkpointer = checkpointer
         self._conn = conn  # touched only on the ledger thread
+        self._intents = intents  # put from the loop (log_order), released on the ledger thread
         self._closed = False
         # Replaced by the ledger thread after each commit that touched a mirrored row; read by anyone.
         self._mirror = mirror
@@ -713,22 +787,28 @@ class Ledger:
         checkpointer = _Checkpointer(path)
         thread = _LedgerThread("ledger", checkpointer)
         made: list[sqlite3.Connection] = []
+        logs: list[IntentLog] = []
 
-        def connect() -> tuple[sqlite3.Connection, _Mirror]:
+        def connect() -> tuple[sqlite3.Connection, IntentLog, _Mirror]:
+            fresh = not path.exists()
             made.append(_connect(path, synchronous))
-            return made[0], _load_mirror(made[0])
+            intents, found = IntentLog.open(intent_log_path(path), _ORDER_COLUMNS)
+            logs.append(intents)
+            _recover_intents(made[0], path, found, fresh)
+            intents.clear()
+            return made[0], intents, _load_mirror(made[0])
 
         try:
-            conn, mirror = await thread.call(connect)
+            conn, intents, mirror = await thread.call(connect)
         except BaseException:
             # Cancelled while connecting: the connection may still be made; close it on its thread,
             # which runs this after the connect.
-            thread.call_soon(_discard, made)
+            thread.call_soon(_discard, made, logs)
             thread.call_soon(checkpointer.stop)
             thread.stop()
             raise
         log.info("ledger opened", path=str(path), synchronous=synchronous)
-        return cls(path, clock, thread, checkpointer, conn, mirror)
+        return cls(path, clock, thread, checkpointer, conn, intents, mirror)
 
     async def close(self) -> None:
         """Checkpoint the WAL into the main file and stop the threads. Calls made before it finish
@@ -755,7 +835,10 @@ class Ledger:
             self._checkpointer.stop()
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
-            self._conn.close()
+            try:
+                self._conn.close()
+            finally:
+                self._intents.close()
 
     @property
     def closed(self) -> bool:
@@ -834,23 +917,32 @@ class Ledger:
         """Intent before action: this row exists before the order is sent. A second insert of the same
         client order id is a broken invariant (it would mean sending an order twice).
 
-        Queued for the ledger thread when called, not when awaited, so the order manager can start the
-        write before it hands the rest of the order to a task; await the result before sending."""
-        row = (
-            order.client_order_id, order.engine, str(order.market), order.symbol, str(order.side),
-            str(order.order_type), _money(order.amount, "amount"), _money_or_none(order.price, "price"),
-            _money_or_none(order.stop_price, "stop_price"), int(order.reduce_only), str(order.state),
-            order.created_at, order.updated_at, _money(order.filled, "filled"),
-            _money_or_none(order.avg_price, "avg_price"), order.exchange_order_id, order.leverage,
-            order.reason,
-        )
-
+        Queued for the ledger thread when called, not when awaited; await the result before sending.
+        The order path uses `log_order`, which lets the order go out before the commit."""
+        row = _order_row(order)
         written = _copy_order(order)  # as it is now: the caller may change its own copy meanwhile
         if self._closed:
             raise InvariantError(f"ledger {self.path} is closed")
-        return self._thread.call(self._insert_order_row, row, written)
+        return self._thread.call(self._insert_order_row, row, written, None)
 
-    def _insert_order_row(self, row: tuple[object, ...], written: Order) -> None:
+    def log_order(self, order: Order) -> asyncio.Future[None] | None:
+        """Intent before action, without waiting for the ledger thread: the row is copied into the
+        intent log (see `storage.intent_log`) before this returns, so from here on a crash of this
+        process leaves it for the next open, exactly as a commit would; the order may be sent at once.
+        The row's commit is queued as `insert_order` queues it, and the returned future resolves once
+        it is committed (or raises what refused it): await it before recording anything else about
+        the order. None when the log cannot take the row (64 rows not yet committed, or a row too long
+        for a slot): use `insert_order` and await it before sending."""
+        row = _order_row(order)
+        written = _copy_order(order)
+        if self._closed:
+            raise InvariantError(f"ledger {self.path} is closed")
+        slot = self._intents.put(row)
+        if slot is None:
+            return None
+        return self._thread.call(self._insert_order_row, row, written, slot)
+
+    def _insert_order_row(self, row: tuple[object, ...], written: Order, slot: int | None) -> None:
         """Ledger thread: the order path's write, as one autocommit statement.
 
         A single INSERT is its own transaction (it takes the write lock when it starts, as BEGIN
@@ -881,6 +973,10 @@ class Ledger:
             orders = dict(current.orders)
             orders[written.client_order_id] = (written.created_at, rowid or 0, written)
             self._mirror = _Mirror(current.positions, orders)
+        if slot is not None:
+            # Only once committed; a row the database refused stays in the log, for the next open to
+            # try again (and refuse to start, saying so, if it is refused again).
+            self._intents.release(slot)
         self._checkpointer.note_write()
 
     async def update_order(

@@ -139,7 +139,7 @@ async def test_an_order_row_the_schema_refuses_is_not_called_a_duplicate(ledger:
     row = ("ke-bad", None, "spot", "BTC/USDT", "buy", "market", "1", None, None, 0, "pending", T0, T0, "0",
            None, None, None, "")  # engine NULL
     with pytest.raises(InvariantError, match="refused by the ledger") as raised:
-        await ledger._thread.call(ledger._insert_order_row, row, order)
+        await ledger._thread.call(ledger._insert_order_row, row, order, None)
     assert "duplicate" not in str(raised.value)
 
 

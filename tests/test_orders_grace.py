@@ -105,6 +105,10 @@ class MemoryStore:
     async def insert_order(self, order: Order) -> None:
         self.orders[order.client_order_id] = dataclasses.replace(order)
 
+    def log_order(self, order: Order) -> None:
+        """No intent log here: the order manager inserts and waits, as it must without one."""
+        return None
+
     async def update_order(
         self, client_order_id: str, *, state: OrderState, filled: Decimal | None = None,
         avg_price: Decimal | None = None, exchange_order_id: str | None = None,

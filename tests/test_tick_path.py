@@ -110,7 +110,7 @@ async def test_a_take_profit_asks_the_ledger_only_what_it_needs(rig: Rig) -> Non
     stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
     rig.engine._seen_changes = rig.ctx.position_changes  # as the running loop has it: nothing to reload
     calls: Counter[str] = Counter()
-    for name in ("get_order", "orders_in_states", "positions", "insert_order", "update_order"):
+    for name in ("get_order", "orders_in_states", "positions", "insert_order", "log_order", "update_order"):
         inner = getattr(rig.ledger, name)
 
         def counted(*args: Any, _inner: Any = inner, _name: str = name, **kwargs: Any) -> Any:
@@ -133,8 +133,9 @@ async def test_a_take_profit_asks_the_ledger_only_what_it_needs(rig: Rig) -> Non
     await rig.settle()
     assert rig.sells == [OrderType.STOP_MARKET, OrderType.MARKET]
     assert (await rig.ledger.get_order(stop_id)).state is OrderState.CANCELED  # type: ignore[union-attr]
-    # The resting stops (one read), the cancel, the held amount under the trade lock, the order row.
-    assert before_sell == Counter(orders_in_states=1, update_order=1, positions=1, insert_order=1)
+    # The resting stops (one read), the cancel, the held amount under the trade lock, the order row
+    # (into the intent log: the sell does not wait for its commit).
+    assert before_sell == Counter(orders_in_states=1, update_order=1, positions=1, log_order=1)
 
 
 async def test_a_take_profit_settles_a_stop_left_unknown_then_cancels_it_and_sells_once(rig: Rig) -> None:
