@@ -2,7 +2,8 @@
 
 The real order path runs: `SpotEngine.run` woken by the feed's `UpdateSignal`, `step()`, the momentum
 rule, the `RiskGate` with the `CapitalAllocator`'s reservation, the `OrderManager` (client order id
-from the ledger's sequence, the order row written to a real SQLite `Ledger` before sending) and
+from the ledger's sequence, the order row made durable in a real `Ledger`'s intent log before sending,
+its SQLite commit following on the ledger thread) and
 `PaperExchange.create_order`. The paper exchange's own `run()` works its resting orders inside each
 of the feed's updates (`on_update`), before the engine wakes, and its fills reach the ledger through a
 late-fill task, wired as the Orchestrator wires them. Only the feed is scripted: a one-symbol
@@ -190,17 +191,20 @@ class ScriptedFeed:
         return Ticker(SYMBOL, bid=last * (1 - HALF_SPREAD), ask=last * (1 + HALF_SPREAD), last=last, ts=now)
 
 
-STAGES = ("wake", "decide", "queue", "insert", "resume", "send")
+STAGES = ("wake", "decide", "log", "resume", "send")
 STAGE_HELP = {
     "wake": "update published -> engine.step() entered (wake-up; a position reload after a fill the engine "
             "did not make, if the one begun while idle has not finished)",
     "decide": "step() -> RiskGate.check() entered (entry: candles, momentum rule, sizing; take-profit: "
               "cancelling the protective stop)",
-    "queue": "gate, allocator, the client order id, the order row queued for the ledger thread",
-    "insert": "the order row's commit on the ledger thread, until the loop hears of it (one round trip)",
+    "log": "gate, allocator, the client order id, the order row copied into the intent log and its "
+           "commit queued for the ledger thread",
     "resume": "the loop runs OrderManager.submit's task on to the send",
     "send": "PaperExchange.create_order() entered -> returned",
 }
+# Not on the path measured, shown beside it: from logging the row to its SQLite commit being known
+# on the loop (the order manager awaits it after the send, before recording the answer).
+COMMIT_HELP = "the row's SQLite commit, behind the send (intent log -> commit known on the loop)"
 
 
 class StageMarks:
@@ -227,25 +231,41 @@ class StageMarks:
 
         setattr(obj, method, wrapper)
 
-    def wrap_sync(self, obj: Any, method: str, before: str, done: str | None = None) -> None:
-        """`done`: the method returns a future; marked when the loop runs its callbacks."""
+    def wrap_sync(self, obj: Any, method: str, before: str, after: str | None = None,
+                  done: str | None = None) -> None:
+        """`after`: marked when the method returns; `done`: marked when the loop runs the callbacks of
+        the future the method returns (or, for `Ledger.log_order`, of the commit it starts)."""
         inner = getattr(obj, method)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             self.mark(before)
             out = inner(*args, **kwargs)
-            if done is not None:
+            if after is not None:
+                self.mark(after)
+            if done is None or out is None:
+                return out
+            if isinstance(out, asyncio.Future):
                 out.add_done_callback(lambda _f: self.mark(done))
-            return out
+                return out
+            start = out  # Ledger.log_order's `commit`: its future is the commit
+
+            def commit() -> Any:
+                future = start()
+                future.add_done_callback(lambda _f: self.mark(done))
+                return future
+
+            return commit
 
         setattr(obj, method, wrapper)
 
     def durations(self, t0: int, t1: int) -> dict[str, float] | None:
-        names = ["step", "gate", "queued", "inserted", "send"]
-        if any(n not in self.marks for n in names):
+        names = ["step", "gate", "logged", "send"]
+        if any(n not in self.marks for n in [*names, "logging", "committed"]):
             return None
         points = [t0, *(self.marks[n] for n in names), t1]
-        return {stage: (b - a) / 1000 for stage, a, b in zip(STAGES, points[:-1], points[1:], strict=True)}
+        split = {stage: (b - a) / 1000 for stage, a, b in zip(STAGES, points[:-1], points[1:], strict=True)}
+        split["commit"] = (self.marks["committed"] - self.marks["logging"]) / 1000
+        return split
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +378,7 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
             if breakdown:
                 stages.wrap_async(engine, "step", "step", None)
                 stages.wrap_sync(gate, "check", "gate")
-                stages.wrap_sync(ledger, "insert_order", "queued", "inserted")
+                stages.wrap_sync(ledger, "log_order", "logging", "logged", "committed")
             feed.prepare_entry(0)
             scripted = feed.candles(SYMBOL, engine.timeframe, 100)
             reading = evaluate(scripted, engine.params) if scripted is not None else None
@@ -504,6 +524,9 @@ def report(args: argparse.Namespace, results: list[RunResult]) -> None:
                     values = [d[stage] for d in splits]
                     print(f"    {stage:<9} {percentile(values, 50):7.1f} / {percentile(values, 99):7.1f}"
                           f"   {STAGE_HELP[stage]}")
+                commits = [d["commit"] for d in splits]
+                print(f"    {'(commit)':<9} {percentile(commits, 50):7.1f} / {percentile(commits, 99):7.1f}"
+                      f"   {COMMIT_HELP}")
     p50s = [percentile(r.orders_us, 50) for r in results]
     p99s = [percentile(r.orders_us, 99) for r in results]
     print(f"over {len(results)} runs, orders (entry + TP): p50 median {statistics.median(p50s):.1f} us "

@@ -513,11 +513,25 @@ class Orchestrator:
                 return True
         return False
 
+    def _ledger_refused_a_sent_order(self) -> bool:
+        """An order went out on its intent-log row and the database then refused the row (disk full, a
+        broken invariant). The ledger no longer sends before committing, but the refused rows are only
+        in the intent log, which only a new open reads: stop as a crash, and the restart commits them
+        and reconciles them with the exchange before anything trades."""
+        exc = None if self.ledger is None else self.ledger.order_failure()
+        if exc is None:
+            return False
+        log.error("the ledger refused an order row after the order was sent; restarting to recover it "
+                  "from the intent log", error=repr(exc), exc_info=exc)
+        self._crashed = True
+        self.request_stop("ledger refused a sent order's row")
+        return True
+
     async def _supervise(self) -> None:
         sup = self._supervisor()
         interval = self.settings.health_check_interval_seconds
         while not self._stop.is_set():
-            if self._feed_died():
+            if self._feed_died() or self._ledger_refused_a_sent_order():
                 return
             await sup.tick()
             await self._refresh_books()

@@ -103,9 +103,10 @@ class FillOutcome(Protocol):
 class OrderStore(Protocol):
     def insert_order(self, order: Order) -> Awaitable[None]: ...
 
-    def log_order(self, order: Order) -> Awaitable[None] | None:
-        """The row made durable now (the order may be sent at once), its commit returned to await
-        after the send; None when the store cannot do that for this row (then `insert_order`)."""
+    def log_order(self, order: Order) -> Callable[[], Awaitable[None]] | None:
+        """The row made durable now (the order may be sent at once). Returns `commit`, which starts
+        the row's commit on its first call and returns it on every call; None when the store cannot
+        do that for this row (then `insert_order`, awaited before sending)."""
 
     async def update_order(
         self,
@@ -130,12 +131,20 @@ class OrderStore(Protocol):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Started:
-    """An order whose row `submit` has written: `logged`, durable already (send, then await
-    `committing`); otherwise await `committing` before sending."""
+    """An order whose row `submit` has begun to write: either in the store's intent log (`commit`:
+    durable already, so send, then commit) or queued for the store (`inserting`: await it, then
+    send)."""
 
     order: Order
-    committing: Awaitable[None]
-    logged: bool
+    inserting: Awaitable[None] | None
+    commit: Callable[[], Awaitable[None]] | None
+
+
+def _start_commit(commit: Callable[[], Awaitable[None]]) -> None:
+    """A loop callback: start a logged row's commit. What refuses it is raised where the order manager
+    awaits `commit()` after the send, not here."""
+    with contextlib.suppress(Exception):
+        commit()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -220,12 +229,16 @@ class OrderManager:
         started: _Started | None = None
         if self._seq_next < self._seq_end:
             order = self._new_order(intent, self._take_id())
-            committing = self.store.log_order(order)
-            if committing is not None:
-                started = _Started(order, committing, logged=True)
-            else:
-                started = _Started(order, self.store.insert_order(order), logged=False)
+            commit = self.store.log_order(order)
+            started = _Started(order, self.store.insert_order(order) if commit is None else None, commit)
         task = asyncio.ensure_future(self._submit(intent, started))
+        if started is not None and started.commit is not None:
+            # Started when the loop is next free, i.e. after the task's first step: during a live send,
+            # which waits on the network, so the ledger thread writes in parallel with the round trip;
+            # after the answer when the exchange gives it without waiting (paper), so that the ledger
+            # thread does not take the GIL from the send. Here, not in the task: it starts even if the
+            # task is cancelled before it runs.
+            asyncio.get_running_loop().call_soon(_start_commit, started.commit)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return await asyncio.shield(task)
@@ -260,15 +273,14 @@ class OrderManager:
         )
 
     async def _submit(self, intent: OrderIntent, started: _Started | None) -> SubmitResult:
-        committing: Awaitable[None] | None = None  # the row's commit, when the send need not wait for it
+        commit: Callable[[], Awaitable[None]] | None = None  # a logged row's commit, after the send
         if started is None:
             order = self._new_order(intent, await self.new_client_order_id())
             await self.store.insert_order(order)
-        elif started.logged:
-            order, committing = started.order, started.committing
         else:
-            order = started.order
-            await started.committing
+            order, commit = started.order, started.commit
+            if started.inserting is not None:
+                await started.inserting
         cid = order.client_order_id
         request = OrderRequest(
             client_order_id=cid,
@@ -282,7 +294,7 @@ class OrderManager:
             leverage=intent.leverage,
         )
         try:
-            update = await self._send(request, committing)
+            update = await self._send(request, commit)
         except (RateLimited, ClockSkew) as exc:
             # Refused before it did anything (Binance places nothing on 429/418/-1003 or -1021), so there
             # is nothing to look for. Not resent either: the engine decides again on fresh prices, and
@@ -318,15 +330,17 @@ class OrderManager:
         )
         return await self.apply_update(order, update)
 
-    async def _send(self, request: OrderRequest, committing: Awaitable[None] | None) -> OrderUpdate:
+    async def _send(self, request: OrderRequest, commit: Callable[[], Awaitable[None]] | None) -> OrderUpdate:
         """Send once. A row that went out before its commit is committed before anything else about the
-        order is recorded, whatever the send did: the commit's own failure (a broken invariant; the row
-        stays in the intent log for the next start) outranks the send's."""
+        order is recorded, whatever the send did: the commit's own failure (the row stays in the intent
+        log, the ledger's `order_failure` stops the daemon so that the next start commits it) outranks
+        the send's. Shielded: cancelling this task must not cancel the commit's future, which would
+        drop the error the ledger thread delivers to it."""
         try:
             return await self.clock.wait_for(self.exchange.create_order(request), self.send_timeout)
         finally:
-            if committing is not None:
-                await committing
+            if commit is not None:
+                await asyncio.shield(commit())
 
     async def _rejected(self, order: Order, reason: str) -> SubmitResult:
         await self.store.update_order(order.client_order_id, state=OrderState.REJECTED)

@@ -7,8 +7,11 @@ This log gives the same guarantee with a copy into a shared memory mapping of a 
 DATA_DIR: once the bytes are in the mapping they are in the kernel's page cache, which outlives the
 process (SIGKILL, OOM kill, a crash), and the kernel writes them to the file on its own. That is
 exactly what SQLite's WAL with synchronous=NORMAL promises for a commit (nothing more: neither
-survives a power cut that came before the kernel wrote back). Writing into an already mapped,
-already touched page is a memory store, not a system call, so it is done on the event loop.
+survives a power cut that came before the kernel wrote back). Writing into an already mapped
+page is a memory store, not a system call, so it is done on the event loop. Not quite free: once
+the kernel has written a page back (every 5-30 s), the next store into it takes a minor fault while
+the filesystem marks it dirty again (measured here on ext4: p50 12 us, max 56 us), so the first
+order after a quiet spell pays that; never a read from disk, since every page is written at open.
 
 The SQLite row is still written, right behind, on the ledger thread; the log only has to cover the
 moments between the send and that commit. A slot is given back once its row is committed, so the
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 MAGIC = b"KEI1"
-_HEADER = struct.Struct("<4sIIQ")  # magic, crc32 of (length, seq, payload), payload length, seq
+_HEADER = struct.Struct("<4sIIQ")  # magic, crc32 of the payload (from seq), payload length, seq
 SLOT_SIZE = 1024
 SLOTS = 64
 MAX_PAYLOAD = SLOT_SIZE - _HEADER.size
@@ -55,20 +58,38 @@ class LoggedRow:
     row: dict[str, Any]
 
 
-def _crc(length: int, seq: int, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(struct.pack("<IQ", length, seq)))
+# One encoder for every record: `json.dumps` with any non-default argument builds a new one per call,
+# which cost more than everything else `put` does together.
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
+def _crc(seq: int, payload: bytes) -> int:
+    """The payload's CRC-32, started from the sequence number so that it covers that too (a torn
+    length gives a different payload, which fails it as well)."""
+    return zlib.crc32(payload, seq & 0xFFFFFFFF)
+
+
+class UnknownIntentLog(Exception):
+    """The log holds something that is neither empty nor a record of this layout (another version of
+    the program wrote it): its orders cannot be read, so they must not be wiped either."""
 
 
 def _read_records(data: bytes) -> list[LoggedRow]:
-    """The valid records in a log file's bytes, oldest first. Anything that is not a whole record
-    (zeroed, torn, a different layout) is skipped."""
+    """The valid records in a log file's bytes, oldest first. An empty slot, or a record torn by a crash
+    (this layout's magic, but a length or CRC that does not hold), is skipped; anything else in a
+    slot's magic raises `UnknownIntentLog`. A new layout must change MAGIC, so that an older program
+    refuses its log instead of reading past it."""
     found: list[LoggedRow] = []
     for offset in range(0, len(data) - _HEADER.size + 1, SLOT_SIZE):
         magic, crc, length, seq = _HEADER.unpack_from(data, offset)
-        if magic != MAGIC or length > MAX_PAYLOAD or offset + _HEADER.size + length > len(data):
+        if magic == _ZERO_MAGIC:
+            continue
+        if magic != MAGIC:
+            raise UnknownIntentLog(f"slot {offset // SLOT_SIZE} starts with {magic!r}, not {MAGIC!r}")
+        if length > MAX_PAYLOAD or offset + _HEADER.size + length > len(data):
             continue
         payload = data[offset + _HEADER.size: offset + _HEADER.size + length]
-        if _crc(length, seq, payload) != crc:
+        if _crc(seq, payload) != crc:
             continue
         try:
             record = json.loads(payload)
@@ -104,7 +125,7 @@ class IntentLog:
     def open(cls, path: Path, columns: tuple[str, ...]) -> tuple[IntentLog, list[LoggedRow]]:
         """Map the log (creating it, full size, if missing) and read what a previous process left in
         it. Rows put from now on are the values of `columns`, in that order. Every page is written
-        once here, so the loop's later copies never fault a page in."""
+        once here, so the loop's later copies never read a page in from disk."""
         path = Path(path)
         size = SLOTS * SLOT_SIZE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -137,7 +158,7 @@ class IntentLog:
         slot = self._next
         if not self._free[slot]:
             return None
-        payload = self._prefix + json.dumps(row, separators=(",", ":")).encode() + b"}"
+        payload = self._prefix + _encode(row).encode() + b"}"
         length = len(payload)
         if length > MAX_PAYLOAD:
             return None
@@ -147,7 +168,7 @@ class IntentLog:
         self._free[slot] = False
         offset = slot * SLOT_SIZE
         self._map[offset: offset + _HEADER.size + length] = (
-            _HEADER.pack(MAGIC, _crc(length, seq, payload), length, seq) + payload
+            _HEADER.pack(MAGIC, _crc(seq, payload), length, seq) + payload
         )
         return slot
 

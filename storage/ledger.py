@@ -47,7 +47,7 @@ import structlog
 from core.clock import DAY_SECONDS, Clock, start_of_utc_day, utc_datetime
 from core.errors import InvariantError
 from core.types import ZERO, Fill, MarketType, Order, OrderState, OrderType, Position, PositionSide, Side
-from storage.intent_log import IntentLog, LoggedRow
+from storage.intent_log import IntentLog, LoggedRow, UnknownIntentLog
 from storage.schema import file_version, migrate, refuse_newer
 
 log = structlog.get_logger("ledger")
@@ -470,22 +470,26 @@ def _discard(made: list[sqlite3.Connection], logs: list[IntentLog]) -> None:
         intents.close()
 
 
+def _set_aside(log_path: Path) -> Path:
+    """Rename the log to a name no open reads again; the open then makes a new one."""
+    n = 1
+    while (kept := log_path.with_name(f"{log_path.name}.set-aside-{n}")).exists():
+        n += 1
+    log_path.rename(kept)
+    return kept
+
+
 def intent_log_path(path: Path) -> Path:
     """The intent log beside the ledger file (and its -wal and -shm): delete or move them together."""
     return path.with_name(path.name + "-intents")
 
 
-def _recover_intents(conn: sqlite3.Connection, path: Path, found: list[LoggedRow], fresh: bool) -> list[str]:
+def _recover_intents(conn: sqlite3.Connection, path: Path, found: list[LoggedRow]) -> list[str]:
     """Ledger thread, at open: commit the rows a previous process logged but never committed (it died
     between logging an order and its commit), as they were written, i.e. pending: reconciliation then
     asks the exchange for each by client order id. Returns their ids. A row the database refuses is a
     broken invariant, and the ledger does not open: that order may be on the exchange."""
     if not found:
-        return []
-    if fresh:
-        # The database was deleted and its log kept: these rows belong to a ledger that is gone.
-        log.warning("intent log ignored: its ledger database is new", path=str(intent_log_path(path)),
-                    rows=len(found))
         return []
     columns = {r["name"] for r in conn.execute("PRAGMA table_info(orders)")}
     recovered: list[str] = []
@@ -770,6 +774,9 @@ class Ledger:
         self._checkpointer = checkpointer
         self._conn = conn  # touched only on the ledger thread
         self._intents = intents  # put from the loop (log_order), released on the ledger thread
+        # Set on the ledger thread when the commit of a logged (already sendable) row fails: see
+        # `order_failure`.
+        self._order_failure: BaseException | None = None
         self._closed = False
         # Replaced by the ledger thread after each commit that touched a mirrored row; read by anyone.
         self._mirror = mirror
@@ -792,9 +799,25 @@ class Ledger:
         def connect() -> tuple[sqlite3.Connection, IntentLog, _Mirror]:
             fresh = not path.exists()
             made.append(_connect(path, synchronous))
-            intents, found = IntentLog.open(intent_log_path(path), _ORDER_COLUMNS)
+            log_path = intent_log_path(path)
+            try:
+                intents, found = IntentLog.open(log_path, _ORDER_COLUMNS)
+                if found and fresh:
+                    # The database was deleted and its log kept: these rows belong to a ledger that is
+                    # gone. Kept aside for a person to look at, not taken into a new ledger.
+                    intents.close()
+                    kept = _set_aside(log_path)
+                    log.warning("intent log set aside: its ledger database is new", path=str(kept),
+                                rows=len(found))
+                    intents, found = IntentLog.open(log_path, _ORDER_COLUMNS)
+            except UnknownIntentLog as exc:
+                raise InvariantError(
+                    f"intent log {log_path} was written by another version of this program ({exc}); it may "
+                    f"hold orders that were sent but are not in the ledger. Start that version again to "
+                    f"recover them, or check the exchange and move the file aside."
+                ) from exc
             logs.append(intents)
-            _recover_intents(made[0], path, found, fresh)
+            _recover_intents(made[0], path, found)
             intents.clear()
             return made[0], intents, _load_mirror(made[0])
 
@@ -925,24 +948,57 @@ class Ledger:
             raise InvariantError(f"ledger {self.path} is closed")
         return self._thread.call(self._insert_order_row, row, written, None)
 
-    def log_order(self, order: Order) -> asyncio.Future[None] | None:
+    def log_order(self, order: Order) -> Callable[[], asyncio.Future[None]] | None:
         """Intent before action, without waiting for the ledger thread: the row is copied into the
         intent log (see `storage.intent_log`) before this returns, so from here on a crash of this
         process leaves it for the next open, exactly as a commit would; the order may be sent at once.
-        The row's commit is queued as `insert_order` queues it, and the returned future resolves once
-        it is committed (or raises what refused it): await it before recording anything else about
-        the order. None when the log cannot take the row (64 rows not yet committed, or a row too long
-        for a slot): use `insert_order` and await it before sending."""
+
+        Returns `commit`: it queues the row's commit for the ledger thread the first time it is called
+        and returns the future of that commit every time (it raises what refused the row). The order
+        manager calls it once the loop is free after starting the send, so the ledger thread does not
+        contend with the send for the GIL; await it before recording anything else about the order.
+        None when the log cannot take the row (64 rows not yet committed, or a row too long for a
+        slot): use `insert_order` and await it before sending."""
         row = _order_row(order)
         written = _copy_order(order)
         if self._closed:
             raise InvariantError(f"ledger {self.path} is closed")
+        if self._order_failure is not None:
+            return None  # a logged row was refused: from then on, commit first and send after
         slot = self._intents.put(row)
         if slot is None:
             return None
-        return self._thread.call(self._insert_order_row, row, written, slot)
+        queued: list[asyncio.Future[None]] = []
+
+        def commit() -> asyncio.Future[None]:
+            if not queued:
+                if self._closed:  # the row stays in the log: the next open commits it
+                    raise InvariantError(f"ledger {self.path} is closed; order {order.client_order_id} is "
+                                         f"in the intent log, for the next start")
+                queued.append(self._thread.call(self._insert_order_row, row, written, slot))
+            return queued[0]
+
+        return commit
+
+    def order_failure(self) -> BaseException | None:
+        """What refused the commit of a row `log_order` had logged, if that ever happened: its order
+        may be on the exchange with no row in the database, only in the intent log, which the next
+        open commits. Whoever waited for that commit got the error too, but the process must restart
+        (the Orchestrator's supervisor checks this); until then `log_order` declines, so every
+        further order is committed before it is sent."""
+        return self._order_failure
 
     def _insert_order_row(self, row: tuple[object, ...], written: Order, slot: int | None) -> None:
+        if slot is None:
+            self._write_order_row(row, written, None)
+            return
+        try:
+            self._write_order_row(row, written, slot)
+        except BaseException as exc:
+            self._order_failure = exc
+            raise
+
+    def _write_order_row(self, row: tuple[object, ...], written: Order, slot: int | None) -> None:
         """Ledger thread: the order path's write, as one autocommit statement.
 
         A single INSERT is its own transaction (it takes the write lock when it starts, as BEGIN

@@ -5,6 +5,7 @@ more than the ledger holds."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from core.clock import LiveClock
 from core.errors import OperationalError
 from core.types import MarketType, OrderIntent, OrderState, OrderType, Side
 from engines.orchestrator import Orchestrator, StartupError, lock_data_dir
+from storage.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +77,55 @@ async def test_a_dead_market_feed_stops_the_daemon_as_a_crash(tmp_path: Path) ->
     await asyncio.wait_for(task, 30)
     assert orch.crashed, "main turns this into exit code 1"
     assert orch._stop_reason == "market feed died"
+
+
+async def test_a_sent_order_whose_row_the_database_refuses_stops_the_daemon_and_is_recovered(
+        tmp_path: Path) -> None:
+    """The order went out on its intent-log row; then the commit failed (disk full). The daemon must
+    not trade on with an order the database does not know: it stops as a crash, and the next start
+    finds the order, pending, for reconciliation to look up by client order id."""
+    orch = make(tmp_path, spot_rsi_min=99.99, spot_rsi_max=100)  # the strategy itself never enters
+    task = asyncio.ensure_future(orch.run())
+    try:
+        await asyncio.wait_for(orch.ready.wait(), 30)
+        await orch.pause("spot", by="test")
+        part, ledger = orch.parts["spot"], orch.ledger
+        assert ledger is not None
+        for _ in range(200):  # the replay feed prices BTC within a few steps
+            if orch.feeds["spot"].ticker("BTC/USDT") is not None:
+                break
+            await asyncio.sleep(0.02)
+        buy = OrderIntent(engine="spot", market=MarketType.SPOT, symbol="BTC/USDT", side=Side.BUY,
+                          amount=Decimal("0.01"), order_type=OrderType.MARKET, notional=Decimal(300))
+        await part.orders.submit(buy)  # the first order of a process fetches a block of ids first
+        write = ledger._write_order_row
+
+        def disk_full(row, written, slot):  # type: ignore[no-untyped-def]
+            if slot is not None:
+                raise sqlite3.OperationalError("database or disk is full")
+            return write(row, written, slot)
+
+        ledger._write_order_row = disk_full  # type: ignore[method-assign]
+        sent: list[str] = []
+        original = part.exchange.create_order
+
+        async def counting(request):  # type: ignore[no-untyped-def]
+            sent.append(request.client_order_id)
+            return await original(request)
+
+        part.exchange.create_order = counting  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            await part.orders.submit(buy)
+        assert len(sent) == 1
+        await asyncio.wait_for(task, 30)
+    finally:
+        if not task.done():
+            task.cancel()
+    assert orch.crashed, "main turns this into exit code 1"
+    assert orch._stop_reason == "ledger refused a sent order's row"
+    async with await Ledger.open(tmp_path / "ledger.sqlite3", LiveClock()) as again:
+        recovered = await again.get_order(sent[0])
+        assert recovered is not None and recovered.state is OrderState.PENDING
 
 
 async def test_order_send_outlives_a_cancelled_caller_and_reduce_only_is_clamped(tmp_path: Path) -> None:

@@ -118,35 +118,35 @@ async def test_drain_waits_for_a_deferred_record(rig: Rig) -> None:
     assert recorded.filled == Decimal(0)
 
 
-def queued_writes(ledger: Ledger) -> list[str]:
-    """The write transactions handed to the ledger thread from now on, in queue order, by name."""
-    seen: list[str] = []
-    thread = ledger._thread
-    original = thread.call
-
-    def call(fn: Any, *args: Any) -> Any:
-        name = getattr(fn, "__name__", "")
-        if name == "_insert_order_row":  # the order row: one statement of its own
-            seen.append("Ledger.insert_order")
-        elif name == "_transact" and args[1]:
-            work = args[0]
-            seen.append(getattr(work, "__qualname__", "") or getattr(getattr(work, "func", None), "__qualname__", "?"))
-        return original(fn, *args)
-
-    thread.call = call  # type: ignore[method-assign]
-    return seen
-
-
-async def test_the_sells_row_is_queued_before_the_cancel_record(rig: Rig) -> None:
-    """The point of deferring: the take-profit's own order row does not wait behind the stop's record."""
+async def test_the_sell_goes_out_while_the_ledger_thread_is_still_busy(rig: Rig) -> None:
+    """The point of deferring: the take-profit's sell waits for no ledger write, neither the stop's
+    cancel record nor its own row's commit (the row is in the intent log). Both are written after."""
     await enter(rig)
-    seen = queued_writes(rig.ledger)
+    stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    release, held = block_ledger_thread(rig.ledger)
+    sent: list[tuple[OrderType, bool]] = []
+    original = rig.exchange.create_order
+
+    async def watch(request: Any) -> Any:
+        sent.append((request.order_type, release.is_set()))
+        return await original(request)
+
+    rig.exchange.create_order = watch  # type: ignore[method-assign]
     rig.feed.set_price("103")
-    await rig.step()
-    inserts = [i for i, name in enumerate(seen) if name.startswith("Ledger.insert_order")]
-    updates = [i for i, name in enumerate(seen) if name.startswith("Ledger.update_order")]
-    assert inserts and updates, seen
-    assert inserts[0] < updates[0], f"the sell's row should reach the ledger thread first: {seen}"
+    stepping = asyncio.ensure_future(rig.step())
+    try:
+        for _ in range(500):
+            if sent or stepping.done():
+                break
+            await asyncio.sleep(0.002)
+        assert sent == [(OrderType.MARKET, False)], "the sell went out with the ledger thread still held"
+    finally:
+        release.set()
+    await asyncio.wait_for(held, 5.0)
+    await asyncio.wait_for(stepping, 5.0)
+    assert (await rig.ledger.get_order(stop_id)).state is OrderState.CANCELED  # type: ignore[union-attr]
+    assert [p.symbol for p in await rig.ledger.positions("spot")] == [], "the sale is recorded"
+    assert rig.sells == [OrderType.STOP_MARKET, OrderType.MARKET]
 
 
 async def test_cancelling_the_engine_does_not_cut_a_cancel_record_short(rig: Rig) -> None:

@@ -134,8 +134,10 @@ async def test_a_logged_row_is_committed_and_its_slot_given_back(tmp_path: Path)
     ledger = await Ledger.open(tmp_path / "ledger.sqlite3", SimClock(T0))
     try:
         release = block_ledger_thread(ledger)
-        committed = ledger.log_order(make_order("ke-1"))
-        assert committed is not None
+        commit = ledger.log_order(make_order("ke-1"))
+        assert commit is not None
+        committed = commit()
+        assert commit() is committed, "one commit per row, however often asked"
         assert ledger._intents.in_use() == 1 and "ke-1" not in ledger._mirror.orders
         release.set()
         await asyncio.wait_for(committed, BOUND)
@@ -152,6 +154,7 @@ async def test_a_row_logged_but_never_committed_is_committed_at_the_next_open(tm
     path = tmp_path / "ledger.sqlite3"
     ledger = await Ledger.open(path, SimClock(T0))
     await ledger.insert_order(make_order("ke-old"))
+    await ledger.update_order("ke-old", state=OrderState.FILLED, filled=D("0.5"), avg_price=D("100"))
     ledger._intents.put(_order_row(make_order("ke-lost", amount="0.25")))  # the commit never ran
     ledger._intents.put(_order_row(make_order("ke-old")))  # committed, slot not given back yet
     await ledger.close()
@@ -160,7 +163,9 @@ async def test_a_row_logged_but_never_committed_is_committed_at_the_next_open(tm
         assert lost is not None and lost.state is OrderState.PENDING and lost.amount == D("0.25")
         # Pending, so reconciliation looks it up on the exchange by client order id.
         pending = await again.orders_in_states([OrderState.PENDING], engine="spot")
-        assert sorted(o.client_order_id for o in pending) == ["ke-lost", "ke-old"]
+        assert [o.client_order_id for o in pending] == ["ke-lost"]
+        old = await again.get_order("ke-old")
+        assert old is not None and old.state is OrderState.FILLED, "a stale record never rolls a row back"
         assert again._intents.in_use() == 0
     _, found = IntentLog.open(intent_log_path(path), _ORDER_COLUMNS)
     assert found == [], "the log is cleared once its rows are committed"
@@ -174,6 +179,23 @@ async def test_a_log_left_beside_a_deleted_database_is_not_taken_into_a_new_one(
     path.unlink()  # closed cleanly: no -wal or -shm is left
     async with await Ledger.open(path, SimClock(T0)) as fresh:
         assert await fresh.get_order("ke-lost") is None
+    kept = intent_log_path(path).with_name(intent_log_path(path).name + ".set-aside-1")
+    other, found = IntentLog.open(kept, _ORDER_COLUMNS)
+    other.close()
+    assert [r.row["client_order_id"] for r in found] == ["ke-lost"], "set aside for a person, not wiped"
+
+
+async def test_a_log_of_an_unknown_layout_stops_the_open_and_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with await Ledger.open(path, SimClock(T0)):
+        pass
+    log_path = intent_log_path(path)
+    data = bytearray(log_path.read_bytes())
+    data[SLOT_SIZE * 3: SLOT_SIZE * 3 + 4] = b"KEI9"  # a record of some later version
+    log_path.write_bytes(bytes(data))
+    with pytest.raises(InvariantError, match=r"another version of this program.*sent but are not in the ledger"):
+        await Ledger.open(path, SimClock(T0))
+    assert log_path.read_bytes() == bytes(data)
 
 
 async def test_a_logged_row_the_database_refuses_stops_the_open_with_what_to_do(tmp_path: Path) -> None:
@@ -308,7 +330,18 @@ async def test_a_commit_refused_after_the_send_is_a_broken_invariant(tmp_path: P
         with pytest.raises(InvariantError, match="refusing a duplicate"):
             await om.submit(buy())
         assert len(exchange.sent) == 2
-        assert ledger._intents.in_use() == 1
+        assert ledger._intents.in_use() == 1, "kept for the next open"
+        assert isinstance(ledger.order_failure(), InvariantError), "the daemon's supervisor stops on this"
+        # Until the restart, every order is committed before it is sent.
+        monkeypatch.undo()
+        assert ledger.log_order(make_order("ke-after")) is None
+        release = block_ledger_thread(ledger)
+        submitting = asyncio.ensure_future(om.submit(buy()))
+        await asyncio.sleep(0.05)
+        assert len(exchange.sent) == 2, "not sent while its row cannot be committed"
+        release.set()
+        await asyncio.wait_for(submitting, BOUND)
+        assert len(exchange.sent) == 3 and exchange.committed_at_send[-1]
 
 
 def test_the_log_sits_beside_the_ledger_file() -> None:
