@@ -437,6 +437,7 @@ class Orchestrator:
                     part.exchange.restore(fills, requests, funding, leverage)
             await reconcile_engine(name, part.exchange, part.orders, ledger, self._symbols_of(name),
                                    self.bus, self.clock)
+            await part.orders.reserve_ids()
 
     async def _load_risk_state(self) -> None:
         s = self.settings

@@ -203,10 +203,16 @@ class OrderManager:
     async def new_client_order_id(self) -> str:
         """Ids come from blocks of the persistent sequence: one ledger round trip per thousand orders
         instead of one per order, and a restart always starts a fresh block, so no id repeats."""
+        await self.reserve_ids()
+        return self._take_id()
+
+    async def reserve_ids(self) -> None:
+        """Make sure a block of ids is at hand. The Orchestrator calls it at start-up, so that even the
+        first order of a process has its id without a ledger round trip and goes out on the intent
+        log (see `submit`)."""
         if self._seq_next >= self._seq_end:
             block = await self.store.next_sequence(f"coid:{self.engine}")
             self._seq_next, self._seq_end = block * ID_BLOCK, (block + 1) * ID_BLOCK
-        return self._take_id()
 
     def _take_id(self) -> str:
         seq = self._seq_next

@@ -97,7 +97,6 @@ async def test_a_sent_order_whose_row_the_database_refuses_stops_the_daemon_and_
             await asyncio.sleep(0.02)
         buy = OrderIntent(engine="spot", market=MarketType.SPOT, symbol="BTC/USDT", side=Side.BUY,
                           amount=Decimal("0.01"), order_type=OrderType.MARKET, notional=Decimal(300))
-        await part.orders.submit(buy)  # the first order of a process fetches a block of ids first
         write = ledger._write_order_row
 
         def disk_full(row, written, slot):  # type: ignore[no-untyped-def]
