@@ -766,6 +766,11 @@ class Orchestrator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Flattening and Telegram may have sent orders after the drain above; their recording must
+        # finish before the exchange and the ledger close under it.
+        for part in self.parts.values():
+            if not await part.orders.drain(self.settings.exchange_timeout_seconds):
+                log.error("an order send was still in flight at shutdown", engine=part.name)
         try:
             await self._flush_journal()
             for feed in {id(f): f for f in self.feeds.values()}.values():
@@ -779,6 +784,12 @@ class Orchestrator:
             # Whatever went wrong above, the ledger is closed (its queued writes committed, the WAL
             # checkpointed) and the DATA_DIR lock released.
             if self.ledger is not None:
+                if self.ledger.order_failure() is not None and not self._crashed:
+                    # Refused during the stop: exit as a crash all the same, so systemd restarts
+                    # and the next open commits the row from the intent log.
+                    log.error("the ledger refused an order row after the order was sent",
+                              error=repr(self.ledger.order_failure()))
+                    self._crashed = True
                 await self.ledger.close()
             if self._lock_file is not None:
                 self._lock_file.close()

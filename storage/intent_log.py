@@ -131,10 +131,12 @@ class IntentLog:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             left = os.pread(fd, max(size, os.fstat(fd).st_size), 0)
+            if left.strip(b"\0") and len(left) != size:
+                # Not this layout's size, and not empty: another version's log. Left as it is.
+                raise UnknownIntentLog(f"{len(left)} bytes, not {size}")
             records = _read_records(left)
             if len(left) != size:
-                # A log of another size (or a new one): its records are read above; from here on it
-                # has this layout. Written out in full, so no page of it is a hole.
+                # A new (or empty) log: written out in full, so no page of it is a hole.
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, bytes(size), 0)
                 os.fsync(fd)

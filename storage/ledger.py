@@ -512,8 +512,9 @@ def _recover_intents(conn: sqlite3.Connection, path: Path, found: list[LoggedRow
             except sqlite3.Error as exc:
                 raise InvariantError(
                     f"order {cid} from the intent log {intent_log_path(path)} cannot be written to the "
-                    f"ledger ({exc}). It may have been sent: check the exchange for this client order id, "
-                    f"then move the intent log aside to start."
+                    f"ledger ({exc}). It may have been sent. If the disk is full, free space and start "
+                    f"again; otherwise check the exchange for this client order id, then move the intent "
+                    f"log aside to start."
                 ) from exc
             recovered.append(cid)
 
@@ -797,8 +798,13 @@ class Ledger:
         logs: list[IntentLog] = []
 
         def connect() -> tuple[sqlite3.Connection, IntentLog, _Mirror]:
-            fresh = not path.exists()
             made.append(_connect(path, synchronous))
+            # A new ledger (this open may have created the file, or an earlier open that failed did):
+            # no order and no sequence. Order ids come only from blocks of the sequence, committed
+            # before the first id is used, so a ledger whose order is in the log is never new.
+            fresh = made[0].execute(
+                "SELECT NOT EXISTS (SELECT 1 FROM orders) AND NOT EXISTS (SELECT 1 FROM sequences)"
+            ).fetchone()[0] == 1
             log_path = intent_log_path(path)
             try:
                 intents, found = IntentLog.open(log_path, _ORDER_COLUMNS)

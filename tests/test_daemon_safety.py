@@ -127,6 +127,19 @@ async def test_a_sent_order_whose_row_the_database_refuses_stops_the_daemon_and_
         assert recovered is not None and recovered.state is OrderState.PENDING
 
 
+async def test_a_row_refused_while_stopping_still_makes_the_exit_a_crash(tmp_path: Path) -> None:
+    """A graceful stop (SIGTERM) during which a sent order's row was refused must not exit 0: systemd
+    restarts only a failed exit, and only the next open commits the row from the intent log."""
+    orch = make(tmp_path)
+    task = asyncio.ensure_future(orch.run())
+    await asyncio.wait_for(orch.ready.wait(), 30)
+    assert orch.ledger is not None
+    orch.request_stop("signal SIGTERM")
+    orch.ledger._order_failure = sqlite3.OperationalError("database or disk is full")
+    await asyncio.wait_for(task, 30)
+    assert orch.crashed and orch._stop_reason == "signal SIGTERM"
+
+
 async def test_order_send_outlives_a_cancelled_caller_and_reduce_only_is_clamped(tmp_path: Path) -> None:
     orch = make(tmp_path, spot_rsi_min=99.99, spot_rsi_max=100)  # the strategy itself never enters
     task = asyncio.ensure_future(orch.run())

@@ -24,7 +24,7 @@ from core.events import EventBus
 from core.types import MarketType, Order, OrderIntent, OrderState, OrderType, Side
 from exchange.base import OrderRequest, OrderUpdate
 from exchange.orders import OrderManager
-from storage.intent_log import SLOT_SIZE, SLOTS, IntentLog
+from storage.intent_log import SLOT_SIZE, SLOTS, IntentLog, UnknownIntentLog
 from storage.ledger import _ORDER_COLUMNS, Ledger, _order_row, intent_log_path
 
 D = Decimal
@@ -107,17 +107,22 @@ def test_a_torn_record_is_ignored(tmp_path: Path) -> None:
     assert [r.row["client_order_id"] for r in found] == ["ke-1"]
 
 
-def test_a_log_of_another_size_is_read_then_laid_out_again(tmp_path: Path) -> None:
+def test_a_log_of_another_size_is_left_alone_unless_empty(tmp_path: Path) -> None:
+    """Another size is another version's layout: its records cannot be read safely, so they are not
+    wiped either. An empty file (a crash while creating it) is simply laid out."""
     path = tmp_path / "log"
     log, _ = IntentLog.open(path, _ORDER_COLUMNS)
     log.put(_order_row(make_order("ke-1")))
     log.close()
-    path.write_bytes(path.read_bytes()[:SLOT_SIZE])  # as if written with one slot
+    other_size = path.read_bytes()[:SLOT_SIZE]
+    path.write_bytes(other_size)
+    with pytest.raises(UnknownIntentLog, match="not 65536"):
+        IntentLog.open(path, _ORDER_COLUMNS)
+    assert path.read_bytes() == other_size
+    path.write_bytes(b"")
     again, found = IntentLog.open(path, _ORDER_COLUMNS)
-    assert [r.row["client_order_id"] for r in found] == ["ke-1"]
-    assert path.stat().st_size == SLOTS * SLOT_SIZE
-    assert again.put(_order_row(make_order("ke-2"))) == 0
     again.close()
+    assert found == [] and path.stat().st_size == SLOTS * SLOT_SIZE
 
 
 # --- the ledger's use of it ----------------------------------------------------------------------
@@ -201,6 +206,7 @@ async def test_a_log_of_an_unknown_layout_stops_the_open_and_is_left_alone(tmp_p
 async def test_a_logged_row_the_database_refuses_stops_the_open_with_what_to_do(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     ledger = await Ledger.open(path, SimClock(T0))
+    await ledger.next_sequence("coid:spot")  # a ledger in use: it has handed out ids
     bad = list(_order_row(make_order("ke-bad")))
     bad[_ORDER_COLUMNS.index("side")] = "sideways"  # the schema's CHECK refuses it
     ledger._intents.put(tuple(bad))
@@ -224,6 +230,7 @@ async def test_a_logged_order_survives_sigkill_before_its_commit(tmp_path: Path)
         "from storage.ledger import Ledger\n"
         "async def main():\n"
         "    ledger = await Ledger.open(Path(sys.argv[1]), SimClock(0.0))\n"
+        "    await ledger.next_sequence('coid:spot')  # as the order manager takes its ids\n"
         "    ledger._thread.call_soon(threading.Event().wait, 60)\n"
         "    order = Order('ke-killed', 'spot', MarketType.SPOT, 'BTC/USDT', Side.BUY, OrderType.MARKET,\n"
         "                  Decimal('0.5'), None, None, False, OrderState.PENDING, 1.0, 1.0)\n"
