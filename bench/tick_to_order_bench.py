@@ -29,8 +29,8 @@ Run from the repository root:
 
 `--journal` adds the Orchestrator's journal writer (every event appended to the same ledger, on the
 same ledger thread), which the daemon runs too; without it the bus has no subscribers. `--cpu N` keeps
-the process on one CPU, as `CPUAffinity=` in deploy/kinetic-empire.service does: the event loop and the
-ledger thread then hand work to each other without waking a second CPU.
+the process on one CPU, as `CPUAffinity=` in deploy/kinetic-empire.service does (since the order row's
+commit moved behind the send, it no longer measurably changes this path: deploy/README.md, "One CPU").
 """
 
 from __future__ import annotations
