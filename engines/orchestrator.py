@@ -784,12 +784,8 @@ class Orchestrator:
             # Whatever went wrong above, the ledger is closed (its queued writes committed, the WAL
             # checkpointed) and the DATA_DIR lock released.
             if self.ledger is not None:
-                if self.ledger.order_failure() is not None and not self._crashed:
-                    # Refused during the stop: exit as a crash all the same, so systemd restarts
-                    # and the next open commits the row from the intent log.
-                    log.error("the ledger refused an order row after the order was sent",
-                              error=repr(self.ledger.order_failure()))
-                    self._crashed = True
+                if not self._crashed:
+                    self._ledger_refused_a_sent_order()  # refused during the stop: still a crash
                 await self.ledger.close()
             if self._lock_file is not None:
                 self._lock_file.close()

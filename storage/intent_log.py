@@ -110,10 +110,8 @@ class IntentLog:
 
     def __init__(self, path: Path, fd: int, mapping: mmap.mmap, columns: tuple[str, ...]) -> None:
         self.path = path
-        self.columns = columns
         # Every record starts the same way; only the values are encoded per row.
-        self._prefix = b'{"c":' + json.dumps(list(columns), separators=(",", ":")).encode() + b',"r":'
-
+        self._prefix = b'{"c":' + _encode(list(columns)).encode() + b',"r":'
         self._fd = fd
         self._map = mapping
         self._free = [True] * SLOTS
@@ -192,7 +190,7 @@ class IntentLog:
         return self._free.count(False)
 
     def close(self) -> None:
-        """Ledger thread, at close: every row is committed by then (the thread ran the inserts first)."""
+        """Ledger thread, at close. A row whose commit never started stays in the file for the next open."""
         if self._closed:
             return
         self._closed = True

@@ -484,13 +484,13 @@ def intent_log_path(path: Path) -> Path:
     return path.with_name(path.name + "-intents")
 
 
-def _recover_intents(conn: sqlite3.Connection, path: Path, found: list[LoggedRow]) -> list[str]:
+def _recover_intents(conn: sqlite3.Connection, path: Path, found: list[LoggedRow]) -> None:
     """Ledger thread, at open: commit the rows a previous process logged but never committed (it died
     between logging an order and its commit), as they were written, i.e. pending: reconciliation then
-    asks the exchange for each by client order id. Returns their ids. A row the database refuses is a
-    broken invariant, and the ledger does not open: that order may be on the exchange."""
+    asks the exchange for each by client order id. A row the database refuses is a broken invariant,
+    and the ledger does not open: that order may be on the exchange."""
     if not found:
-        return []
+        return
     columns = {r["name"] for r in conn.execute("PRAGMA table_info(orders)")}
     recovered: list[str] = []
 
@@ -522,7 +522,6 @@ def _recover_intents(conn: sqlite3.Connection, path: Path, found: list[LoggedRow
     for cid in recovered:
         log.warning("order recovered from the intent log; reconciliation asks the exchange for it",
                     client_order_id=cid)
-    return recovered
 
 
 def _transaction(conn: sqlite3.Connection, work: Callable[[], T], write: bool) -> T:
@@ -995,13 +994,11 @@ class Ledger:
         return self._order_failure
 
     def _insert_order_row(self, row: tuple[object, ...], written: Order, slot: int | None) -> None:
-        if slot is None:
-            self._write_order_row(row, written, None)
-            return
         try:
             self._write_order_row(row, written, slot)
         except BaseException as exc:
-            self._order_failure = exc
+            if slot is not None:  # the order may be out already: see `order_failure`
+                self._order_failure = exc
             raise
 
     def _write_order_row(self, row: tuple[object, ...], written: Order, slot: int | None) -> None:

@@ -9,16 +9,13 @@ for an order, and the order path never records anything about an order before it
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 import threading
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from core.clock import LiveClock, SimClock
+from core.clock import SimClock
 from core.errors import InvariantError
 from core.events import EventBus
 from core.types import MarketType, Order, OrderIntent, OrderState, OrderType, Side
@@ -26,6 +23,7 @@ from exchange.base import OrderRequest, OrderUpdate
 from exchange.orders import OrderManager
 from storage.intent_log import SLOT_SIZE, SLOTS, IntentLog, UnknownIntentLog
 from storage.ledger import _ORDER_COLUMNS, Ledger, _order_row, intent_log_path
+from tests.test_ledger import sigkill_child_when
 
 D = Decimal
 T0 = 1_700_000_000.0
@@ -239,22 +237,7 @@ async def test_a_logged_order_survives_sigkill_before_its_commit(tmp_path: Path)
         "    await asyncio.sleep(60)\n"
         "asyncio.run(main())\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", child, str(path), cwd=REPO, stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.stdout is not None
-    clock = LiveClock()
-    try:
-        for _ in range(50):
-            line = await clock.wait_for(proc.stdout.readline(), BOUND)
-            assert line, "child ended early"
-            if line.startswith(b"logged"):
-                break
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        await clock.wait_for(proc.wait(), BOUND)
-    assert proc.returncode == -signal.SIGKILL
+    await sigkill_child_when(child, path, lambda line: line.startswith(b"logged"), max_lines=50, timeout=BOUND)
     async with await Ledger.open(path, SimClock(2.0)) as ledger:
         order = await ledger.get_order("ke-killed")
         assert order is not None and order.state is OrderState.PENDING and order.amount == D("0.5")

@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -514,6 +514,30 @@ async def test_event_loop_keeps_running_during_2000_writes(ledger: Ledger) -> No
     assert len(await ledger.read_journal("batch", limit=writes + 1)) == writes
 
 
+async def sigkill_child_when(child: str, path: Path, done: Callable[[bytes], bool], *, max_lines: int,
+                             timeout: float = 20.0) -> None:
+    """Run `child` (Python source; `path` is its argv[1]) and SIGKILL it at the first line of its
+    output for which `done` is true. Bounded: at most `max_lines` lines, `timeout` seconds each."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", child, str(path), cwd=REPO, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None
+    clock = LiveClock()
+    try:
+        for _ in range(max_lines):
+            line = await clock.wait_for(proc.stdout.readline(), timeout)
+            assert line, "child ended early"
+            if done(line):
+                break
+        else:
+            raise AssertionError(f"no awaited line in {max_lines} lines of the child's output")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await clock.wait_for(proc.wait(), timeout)
+    assert proc.returncode == -signal.SIGKILL
+
+
 async def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     """What a caller was told is written is there after the process is killed mid-stream."""
     path = tmp_path / "ledger.sqlite3"
@@ -530,23 +554,15 @@ async def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
         "        print('ack', n, flush=True)\n"
         "asyncio.run(main())\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", child, str(path), cwd=REPO, stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.stdout is not None
-    acknowledged = 0
-    clock = LiveClock()
-    try:
-        while acknowledged < 300:
-            line = await clock.wait_for(proc.stdout.readline(), 20)
-            assert line, "child ended early"
-            if line.startswith(b"ack "):  # other lines are the child's log
-                acknowledged = int(line.split()[1])
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        await clock.wait_for(proc.wait(), 20)
-    assert proc.returncode == -signal.SIGKILL
+    acks: list[int] = [0]
+
+    def enough(line: bytes) -> bool:
+        if line.startswith(b"ack "):  # other lines are the child's log
+            acks.append(int(line.split()[1]))
+        return acks[-1] >= 300
+
+    await sigkill_child_when(child, path, enough, max_lines=5_000)
+    acknowledged = acks[-1]
     async with await Ledger.open(path, SimClock()) as ledger:
         assert await ledger.next_sequence("s") > acknowledged
         assert len(await ledger.read_journal("n", limit=100_000)) >= acknowledged
