@@ -88,26 +88,43 @@ def percentile(samples: list[float], pct: float) -> float:
     return ordered[index]
 
 
+RISE, FALL = 1.004, 0.998  # the zig-zag's two moves
+RISE_VOLUME, FALL_VOLUME = 150.0, 50.0  # buying on the rises: only a rising bar has the volume to enter
+
+
 def momentum_closes(n: int) -> np.ndarray[Any, np.dtype[np.float64]]:
     """A zig-zag uptrend (+0.4 %, -0.2 %, ending on a rise): fast EMA above slow, RSI near 67,
     momentum about +0.6 % over six bars. The script checks the rule says 'enter' on it."""
     closes = np.empty(n, dtype=np.float64)
     price = BASE_PRICE
     for i in range(n):
-        price *= 1.004 if (n - 1 - i) % 2 == 0 else 0.998
+        price *= RISE if (n - 1 - i) % 2 == 0 else FALL
         closes[i] = price
     return closes
 
 
+def zigzag_volume(n: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """`momentum_closes`' volumes: high on the rises, low on the falls (the last bar rises)."""
+    return np.array([RISE_VOLUME if (n - 1 - i) % 2 == 0 else FALL_VOLUME for i in range(n)], dtype=np.float64)
+
+
 class ScriptedFeed:
     """A `MarketFeed` whose only symbol's ticker and candles the bench sets, woken through the
-    project's own `UpdateSignal` (the replay feed's), so consumers wake exactly as they do live."""
+    project's own `UpdateSignal` (the replay feed's), so consumers wake exactly as they do live.
 
-    def __init__(self, clock: LiveClock, closes: np.ndarray[Any, np.dtype[np.float64]]) -> None:
+    Candles arrive as a market's do, one closed bar at a time onto the same series, so the engine's
+    look-ahead (`SpotEngine.look_ahead`) works as it does on a live feed. The history starts on a
+    falling bar; each entry leg closes a rising one (the zig-zag then ends on a rise, which the rule
+    enters), each exit leg a falling one (too little volume to enter, if the position is gone). The
+    series grows by 0.2 % a round; the rule reads the same pattern every time."""
+
+    def __init__(self, clock: LiveClock, bars: int) -> None:
         self._clock = clock
         self._signal = UpdateSignal(clock)
+        closes = momentum_closes(bars + 1)[:-1]
+        self._ts = 1_700_000_000.0 + BAR_SECONDS * np.arange(bars, dtype=np.float64)
         self._closes = closes
-        self._volume = np.full(closes.shape[0], 100.0)
+        self._volume = zigzag_volume(bars + 1)[:-1]
         self._opens = np.concatenate(([closes[0]], closes[:-1]))
         self._highs = np.maximum(self._opens, closes) * 1.0005
         self._lows = np.minimum(self._opens, closes) * 0.9995
@@ -166,18 +183,43 @@ class ScriptedFeed:
             self._arrived.clear()
             await self._arrived.wait()
 
-    def prepare_entry(self, round_no: int) -> None:
-        """A newly closed candle (so the engine scans) and a fresh ticker at its close."""
-        now = self._clock.now()
-        last_open = 1_700_000_000.0 + round_no * BAR_SECONDS
-        ts = last_open - BAR_SECONDS * np.arange(self._closes.shape[0] - 1, -1, -1, dtype=np.float64)
-        self._series = CandleSeries(SYMBOL, "5m", ts, self._opens, self._highs, self._lows, self._closes,
-                                    self._volume, now)
-        self._ticker = self._make_ticker(float(self._closes[-1]), now)
+    def start_series(self) -> None:
+        """The history the engine finds at start (ending on a fall) and a ticker at its last close."""
+        self._publish_series()
+
+    def next_series(self, change: float, volume: float) -> CandleSeries:
+        """The candles after the next bar closes (for the script's own checks; nothing changes)."""
+        closes = np.append(self._closes[1:], float(self._closes[-1]) * change)
+        return CandleSeries(SYMBOL, "5m", self._ts + BAR_SECONDS, self._opens, self._highs, self._lows, closes,
+                            np.append(self._volume[1:], volume), self._clock.now())
+
+    def prepare_entry(self) -> None:
+        """A newly closed rising candle (so the engine scans, and the rule enters) and a fresh ticker
+        at its close."""
+        self._close_bar(RISE, RISE_VOLUME)
+        self._publish_series()
 
     def prepare_exit(self, move: float) -> None:
-        """Only the price moves (no new candle), as between two closes."""
-        self._ticker = self._make_ticker(float(self._closes[-1]) * move, self._clock.now())
+        """A newly closed falling candle, and the price moved `move` from its close (past the
+        take-profit or the stop-loss)."""
+        self._close_bar(FALL, FALL_VOLUME)
+        self._publish_series(move)
+
+    def _close_bar(self, change: float, volume: float) -> None:
+        last = float(self._closes[-1])
+        close = last * change
+        self._ts = np.append(self._ts[1:], self._ts[-1] + BAR_SECONDS)
+        self._opens = np.append(self._opens[1:], last)
+        self._highs = np.append(self._highs[1:], max(last, close) * 1.0005)
+        self._lows = np.append(self._lows[1:], min(last, close) * 0.9995)
+        self._closes = np.append(self._closes[1:], close)
+        self._volume = np.append(self._volume[1:], volume)
+
+    def _publish_series(self, move: float = 1.0) -> None:
+        now = self._clock.now()
+        self._series = CandleSeries(SYMBOL, "5m", self._ts, self._opens, self._highs, self._lows, self._closes,
+                                    self._volume, now)
+        self._ticker = self._make_ticker(float(self._closes[-1]) * move, now)
 
     def publish(self) -> int:
         """Bump the version; returns perf_counter_ns read right before, the sample's t0."""
@@ -290,6 +332,7 @@ class RunResult:
     sells_after_exchange_stop: int = 0
     denied: int = 0
     rejected: int = 0
+    looked_ahead: int = 0
     journal_rows: int = 0
 
     @property
@@ -308,6 +351,17 @@ async def journal_writer(ledger: Ledger, sub: Subscription) -> None:
         await ledger.journal_many([(e.kind, e.as_dict(), e.ts) for e in batch])
 
 
+def looked_ahead_fits(engine: SpotEngine, upcoming: CandleSeries) -> bool:
+    """True when the engine's look-ahead for the symbol is the work for `upcoming`, so that its
+    reading takes one recursion step (the check `evaluate` makes)."""
+    ahead = engine._next_bar.get(SYMBOL)
+    if ahead is None:
+        return False
+    closes = upcoming.close[-len(ahead.closes) - 1 : -1].tolist()
+    volumes = upcoming.volume[-len(ahead.volumes) - 1 : -1].tolist()
+    return bool(ahead.params == engine.params and ahead.closes == closes and ahead.volumes == volumes)
+
+
 def _describe(sent: list[Sent]) -> str:
     return ", ".join(f"{s.side} {s.order_type}" + (f" ({s.error})" if s.error else "") for s in sent) or "none"
 
@@ -315,7 +369,7 @@ def _describe(sent: list[Sent]) -> str:
 async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakdown: bool) -> RunResult:
     clock = LiveClock()
     settings = load_settings(env_file=None, spot_symbols=[SYMBOL], futures_enabled=False)
-    feed = ScriptedFeed(clock, momentum_closes(BARS))
+    feed = ScriptedFeed(clock, BARS)
     bus = EventBus()
     result = RunResult()
     with tempfile.TemporaryDirectory(prefix="tick-bench-") as tmp:
@@ -379,11 +433,14 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
                 stages.wrap_async(engine, "step", "step", None)
                 stages.wrap_sync(gate, "check", "gate")
                 stages.wrap_sync(ledger, "log_order", "logging", "logged", "committed")
-            feed.prepare_entry(0)
-            scripted = feed.candles(SYMBOL, engine.timeframe, 100)
-            reading = evaluate(scripted, engine.params) if scripted is not None else None
-            if reading is None or not reading.enter:
-                raise SystemExit(f"scripted candles do not trigger the momentum rule: {reading}")
+            feed.start_series()
+            history = feed.candles(SYMBOL, engine.timeframe)
+            assert history is not None
+            start, rise, fall = (evaluate(c, engine.params) for c in (
+                history, feed.next_series(RISE, RISE_VOLUME), feed.next_series(FALL, FALL_VOLUME)))
+            if start.enter or not rise.enter or fall.enter:
+                raise SystemExit(f"scripted candles do not drive the momentum rule as planned: at start "
+                                 f"{start.reason}, on a rise {rise.reason}, on a fall {fall.reason}")
             if journal:
                 tasks.append(asyncio.create_task(journal_writer(ledger, bus.subscribe("journal", 50_000))))
             tasks.append(asyncio.create_task(exchange.run(), name="paper"))
@@ -406,10 +463,14 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
                     if engine_task.done():
                         engine_task.result()
                         raise SystemExit("engine stopped unexpectedly")
+                    if leg == "entry" and r >= warmup:
+                        # Whether the engine's look-ahead fits the bar about to close (read before the
+                        # idle gap, so that this check warms nothing up for the measured path).
+                        result.looked_ahead += looked_ahead_fits(engine, feed.next_series(RISE, RISE_VOLUME))
                     if gap_ms > 0:
                         await clock.sleep(gap_ms / 1000)
                     if leg == "entry":
-                        feed.prepare_entry(r + 1)
+                        feed.prepare_entry()
                     else:
                         feed.prepare_exit(TAKE_PROFIT_MOVE if take_profit else STOP_LOSS_MOVE)
                     sent_before, fills_before = len(sent), len(exchange_fills)
@@ -510,7 +571,8 @@ def report(args: argparse.Namespace, results: list[RunResult]) -> None:
           f"{'any CPU' if args.cpu is None else f'CPU {args.cpu} only'}")
     for i, res in enumerate(results, 1):
         print(f"run {i}: closed trades {res.closed}, denied {res.denied}, rejected {res.rejected}, "
-              f"engine sells after the exchange's stop filled {res.sells_after_exchange_stop}"
+              f"engine sells after the exchange's stop filled {res.sells_after_exchange_stop}, "
+              f"entries read with the look-ahead {res.looked_ahead}/{len(res.entries_us)}"
               + (f", journal rows {res.journal_rows}" if args.journal else ""))
         print(row("orders (entry + TP)", res.orders_us))
         print(row("entries (market buy)", res.entries_us))

@@ -60,7 +60,26 @@ class MomentumReading:
     close: float
 
 
-def evaluate(candles: CandleSeries, p: MomentumParams) -> MomentumReading:
+@dataclass(frozen=True, slots=True)
+class NextBar:
+    """The rule's work for a symbol's next candle, done one bar ahead (see `prepare`).
+
+    The window the rule reads slides by one bar at each close, so every recursion restarts from a
+    new seed: nothing of the last reading carries over. But all of the next window except its newest
+    bar is known a whole bar early. Running the recursions over it then, off the order path, leaves
+    one step for the tick that closes the bar. `closes` and `volumes` are what that window must
+    start with for the work to apply; `evaluate` checks them, so a revised or missing bar only costs
+    the full computation, never a different reading.
+    """
+
+    params: MomentumParams
+    closes: list[float]  # the next window's closes but its newest one
+    volumes: list[float]  # the volumes the next reading averages
+    state: tuple[float, float, float, float]  # EMA fast, EMA slow, RSI gain and loss after `closes`
+    avg_volume: float
+
+
+def evaluate(candles: CandleSeries, p: MomentumParams, ahead: NextBar | None = None) -> MomentumReading:
     """Read the newest closed candle. Not enough or non-finite data is a 'no', with the reason.
 
     The EMAs and the RSI are those of `engines.indicators` over the last `window` closes, computed
@@ -69,6 +88,11 @@ def evaluate(candles: CandleSeries, p: MomentumParams) -> MomentumReading:
     `rsi(close, p)[-1]`. For longer windows that module switches to a blocked algorithm that rounds
     differently, and its arrays differ from the values here by ~1e-12 relative; this function
     stays the one rule for live, replay and backtest, which all call it.
+
+    `ahead`, what `prepare` made of the previous candles, is used when this window is exactly that
+    one plus a newer bar (same closes, same volumes, same parameters): one recursion step then
+    replaces the whole window's, with the same floating-point operations, so the reading is the same
+    bits either way.
 
     A NaN or infinite close in the window, or volume in the average or on the newest bar, gives
     'non-finite data' (a NaN newest volume used to pass the volume test, since it was only compared).
@@ -79,11 +103,23 @@ def evaluate(candles: CandleSeries, p: MomentumParams) -> MomentumReading:
         return MomentumReading(False, f"warming up ({n}/{warmup} bars)", math.nan, math.nan, math.nan)
     window = max(warmup * 4, 100)
     close = _floats(candles.close[-window:])
-    fast, slow, strength = _last_indicators(close, p.ema_fast, p.ema_slow, p.rsi_period)
+    volume = _floats(candles.volume[-VOLUME_AVERAGE_BARS - 1 :])
+    if (
+        ahead is not None
+        and (ahead.params is p or ahead.params == p)
+        and close[:-1] == ahead.closes
+        and volume[:-1] == ahead.volumes
+    ):
+        fast, slow, strength = _finish_indicators(
+            _step_indicators(ahead.state, close[-2], close[-1], p.ema_fast, p.ema_slow, p.rsi_period),
+            close, p.ema_fast, p.ema_slow, p.rsi_period,
+        )
+        avg_volume = ahead.avg_volume
+    else:
+        fast, slow, strength = _last_indicators(close, p.ema_fast, p.ema_slow, p.rsi_period)
+        avg_volume = _numpy_mean(volume[:-1])
     last = close[-1]
     base = close[-1 - p.lookback]
-    volume = _floats(candles.volume[-VOLUME_AVERAGE_BARS - 1 :])
-    avg_volume = _numpy_mean(volume[:-1])
     isfinite = math.isfinite
     if (
         not (
@@ -108,6 +144,26 @@ def evaluate(candles: CandleSeries, p: MomentumParams) -> MomentumReading:
     if volume[-1] < p.volume_factor * avg_volume:
         return MomentumReading(False, "volume too low", momentum, strength, last)
     return MomentumReading(True, "momentum entry", momentum, strength, last)
+
+
+def prepare(candles: CandleSeries, p: MomentumParams) -> NextBar | None:
+    """The work for the reading of the candle after `candles`' newest, for `evaluate(..., ahead=)`.
+
+    None when that reading needs no recursion (still warming up) or has too short a window for the
+    one-pass loop; `evaluate` then computes it whole, as it always can.
+    """
+    if p.ema_fast < 1 or p.ema_slow < 1 or p.rsi_period < 1:
+        _check_period(min(p.ema_fast, p.ema_slow, p.rsi_period))
+    warmup = p.warmup_bars
+    if len(candles) + 1 < warmup:
+        return None
+    window = max(warmup * 4, 100)
+    closes = _floats(candles.close[-(window - 1) :])
+    if max(p.ema_fast, p.ema_slow, p.rsi_period + 1) > len(closes):
+        return None
+    volumes = _floats(candles.volume[-VOLUME_AVERAGE_BARS:])
+    return NextBar(p, closes, volumes, _indicator_state(closes, p.ema_fast, p.ema_slow, p.rsi_period),
+                   _numpy_mean(volumes))
 
 
 def _floats(arr: npt.NDArray[Any]) -> list[float]:
@@ -259,10 +315,19 @@ def _last_indicators(values: list[float], fast: int, slow: int, period: int) -> 
     less than three (each bar is read once and the interpreter's loop overhead is paid once)."""
     if fast < 1 or slow < 1 or period < 1:
         _check_period(min(fast, slow, period))
-    n = len(values)
-    start = max(fast, slow, period + 1)  # the first bar every recursion steps over
-    if start >= n:  # a window too short for some recursion (never with evaluate's warm-up)
+    if max(fast, slow, period + 1) >= len(values):  # a window too short for some recursion (never
+        # with evaluate's warm-up)
         return _last_ema(values, fast), _last_ema(values, slow), _last_rsi(values, period)
+    return _finish_indicators(_indicator_state(values, fast, slow, period), values, fast, slow, period)
+
+
+def _indicator_state(values: list[float], fast: int, slow: int, period: int) -> tuple[float, float, float, float]:
+    """The three recursions' raw state (EMA fast, EMA slow, RSI gain, RSI loss) after every bar of
+    `values`, which must reach the first bar they all step over (max(fast, slow, period + 1) <=
+    len(values)). Each recursion performs exactly the operations of its own loop in `_last_ema` /
+    `_rsi_steps`, so stepping this state on by `_step_indicators` gives the same bits as running
+    over the longer list."""
+    start = max(fast, slow, period + 1)  # the first bar every recursion steps over
     kf = 2.0 / (fast + 1)
     bf = 1.0 - kf
     f = _ema_seed(values, fast)
@@ -290,6 +355,34 @@ def _last_indicators(values: list[float], fast: int, slow: int, period: int) -> 
         else:
             g *= beta
             loss = beta * loss - alpha * change
+    return f, s, g, loss
+
+
+def _step_indicators(state: tuple[float, float, float, float], prev: float, x: float, fast: int, slow: int,
+                     period: int) -> tuple[float, float, float, float]:
+    """One more bar `x` (after `prev`) of `_indicator_state`'s joint loop, operation for operation."""
+    f, s, g, loss = state
+    kf = 2.0 / (fast + 1)
+    ks = 2.0 / (slow + 1)
+    alpha = 1.0 / period
+    beta = (period - 1) / period
+    f = kf * x + (1.0 - kf) * f
+    s = ks * x + (1.0 - ks) * s
+    change = x - prev
+    if change > 0.0:
+        g = alpha * change + beta * g
+        loss *= beta
+    else:
+        g *= beta
+        loss = beta * loss - alpha * change
+    return f, s, g, loss
+
+
+def _finish_indicators(state: tuple[float, float, float, float], values: list[float], fast: int, slow: int,
+                       period: int) -> tuple[float, float, float]:
+    """The newest EMA fast, EMA slow and RSI from the raw state after all of `values` (every
+    recursion having stepped at least once), as `engines.indicators` stores them."""
+    f, s, g, loss = state
     return _ema_finish(f, values, fast), _ema_finish(s, values, slow), _rsi_finish(g, loss, values, period)
 
 

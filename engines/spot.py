@@ -24,7 +24,7 @@ from core.types import (
     Ticker,
 )
 from engines.base import BaseEngine, EngineContext
-from engines.momentum import MomentumParams, evaluate
+from engines.momentum import MomentumParams, NextBar, evaluate, prepare
 from exchange.base import quantize_down, quantize_price
 
 _HUNDRED = Decimal(100)
@@ -62,8 +62,13 @@ class SpotEngine(BaseEngine):
         self.position_size_pct = Decimal(str(s.spot_position_size_pct))
         self.max_age = s.spot_max_data_age_seconds
         self.scan_interval = s.spot_scan_interval_seconds
+        self._window = max(self.params.warmup_bars * 4, 100)
         self._last_candle_ts: dict[str, float] = {}
         self._last_scan_at: dict[str, float] = {}
+        # Per symbol: the momentum rule's work for the next candle (see `look_ahead`), and the newest
+        # candle it was done after.
+        self._next_bar: dict[str, NextBar] = {}
+        self._next_bar_after: dict[str, float] = {}
         # Per symbol: when step() next looks at the protective stop, and the backoff after a refusal.
         self._stop_next_check: dict[str, float] = {}
         self._stop_backoff: dict[str, float] = {}
@@ -102,6 +107,26 @@ class SpotEngine(BaseEngine):
                     await self.protect(position)
                 continue
             await self.consider_entry(symbol, ticker)
+        self.look_ahead()
+
+    def look_ahead(self) -> None:
+        """Run the momentum rule's recursions over each symbol's next window but its newest bar now,
+        after this step's orders have gone out, so the tick that closes that bar only adds one step
+        (`engines.momentum.prepare`). Every symbol, held or not, so the first bar after an exit finds
+        it done; once per new candle, a check of the newest candle's time otherwise."""
+        for symbol in self.symbols:
+            candles = self.ctx.feed.candles(symbol, self.timeframe, limit=self._window)
+            if candles is None or len(candles) == 0:
+                continue
+            newest = float(candles.ts[-1])
+            if self._next_bar_after.get(symbol) == newest:
+                continue
+            self._next_bar_after[symbol] = newest
+            ahead = prepare(candles, self.params)
+            if ahead is None:
+                self._next_bar.pop(symbol, None)
+            else:
+                self._next_bar[symbol] = ahead
 
     async def write_off_dust(self, position: Position, ticker: Ticker | None) -> bool:
         """Close, in the ledger only, a long position too small to sell: its amount rounds down below the
@@ -184,7 +209,7 @@ class SpotEngine(BaseEngine):
         return now - self._last_scan_at.get(symbol, float("-inf")) >= self.scan_interval
 
     async def consider_entry(self, symbol: str, ticker: Ticker | None) -> None:
-        candles = self.ctx.feed.candles(symbol, self.timeframe, limit=max(self.params.warmup_bars * 4, 100))
+        candles = self.ctx.feed.candles(symbol, self.timeframe, limit=self._window)
         if candles is None or len(candles) == 0:
             return
         newest = float(candles.ts[-1])
@@ -196,7 +221,7 @@ class SpotEngine(BaseEngine):
             return
         if len(self.positions) >= self.ctx.settings.spot_max_positions:
             return
-        reading = evaluate(candles, self.params)
+        reading = evaluate(candles, self.params, self._next_bar.get(symbol))
         if not reading.enter:
             return
         await self.enter(symbol, ticker, reading.reason)
