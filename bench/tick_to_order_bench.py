@@ -200,10 +200,10 @@ class ScriptedFeed:
         self._publish_series()
 
     def prepare_exit(self, move: float) -> None:
-        """A newly closed falling candle, and the price moved `move` from its close (past the
-        take-profit or the stop-loss)."""
+        """A newly closed falling candle, and the price `move` times the entry bar's close (past the
+        take-profit or the stop-loss; the round's profit or loss as before bars closed on exits)."""
         self._close_bar(FALL, FALL_VOLUME)
-        self._publish_series(move)
+        self._publish_series(move / FALL)
 
     def _close_bar(self, change: float, volume: float) -> None:
         last = float(self._closes[-1])
