@@ -247,9 +247,9 @@ class BaseEngine:
         the exchange did not answer: the stop may still rest there, and the caller retries later.
 
         With `records`, a plain cancel's ledger write is left running and appended there for the caller
-        to await (`OrderManager.cancel(defer_record=True)`): the exit that follows queues its own order
-        row at once (it reaches the ledger thread first, the cancel's record right behind it) instead
-        of waiting a whole ledger round trip for the record before it."""
+        to await (`OrderManager.cancel(defer_record=True)`): the exit that follows writes its own order
+        row and goes out at once, the cancel's record running beside it, instead of waiting a whole
+        ledger round trip for the record before it."""
         try:
             async with self.ctx.trade_lock:
                 result = await self.ctx.orders.cancel(order, defer_record=records is not None)

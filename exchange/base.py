@@ -83,6 +83,11 @@ class Balance:
 
 class Exchange(Protocol):
     market_type: MarketType
+    # True when `create_order` never awaits (the paper exchanges match against prices in memory). The
+    # order manager then calls it in the submitting task instead of a task of its own: nothing could
+    # cancel it halfway, and the order goes out one turn of the event loop sooner. A network client
+    # says False: its send must survive the cancellation of whoever asked for it.
+    answers_inline: bool
 
     async def load_markets(self) -> dict[str, MarketInfo]: ...
 

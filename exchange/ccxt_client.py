@@ -234,6 +234,8 @@ def _ts(value: Any, default: float) -> float:
 class CcxtExchange:
     """`exchange.base.Exchange` over ccxt's async `binance` (spot) or `binanceusdm` (futures)."""
 
+    answers_inline = False  # every call is a network round trip (see exchange.base.Exchange)
+
     def __init__(
         self,
         market_type: MarketType,

@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import Awaitable, Callable, Iterable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -140,6 +141,40 @@ class _Started:
     commit: Callable[[], Awaitable[None]] | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Inline:
+    """A send `submit` made itself, in its caller's task (an exchange that `answers_inline`): the
+    exchange's answer, or what it raised, or, had it awaited after all, the rest of the call."""
+
+    request: OrderRequest
+    update: OrderUpdate | None = None
+    error: BaseException | None = None
+    rest: Awaitable[OrderUpdate] | None = None
+
+
+@types.coroutine
+def _carry_on(coro: Coroutine[Any, Any, OrderUpdate], yielded: Any) -> Generator[Any, Any, OrderUpdate]:
+    """The rest of `coro`, begun outside any task and suspended where it yielded `yielded`: what
+    `yield from coro` would have done from that point on (the loop's answers sent in, a cancellation
+    thrown in), so that a task can carry it on."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # a cancellation or timeout, for the exchange call to handle
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+
 def _start_commit(commit: Callable[[], Awaitable[None]]) -> None:
     """A loop callback: start a logged row's commit. What refuses it is raised where the order manager
     awaits `commit()` after the send, not here."""
@@ -186,6 +221,9 @@ class OrderManager:
         self.bus = bus
         self.clock = clock
         self.send_timeout = send_timeout
+        # See `Exchange.answers_inline`. Exchanges of tests and other fakes may not say: they are sent
+        # to from a task, which is right for any exchange.
+        self._inline = bool(getattr(exchange, "answers_inline", False))
         self.unknown_grace_seconds = unknown_grace_seconds
         # Seconds since epoch at start-up, with the pid folded in: two processes on one ledger would
         # still never share an id, and the persistent sequence makes ids unique within one boot.
@@ -231,13 +269,21 @@ class OrderManager:
         created: into the store's intent log when it can take it (durable at once, so the task sends
         without waiting for the commit), else queued for the ledger thread, which then commits it while
         the loop gets round to the task.
+
+        An exchange that `answers_inline` (paper) is sent to right here once the row is in the intent
+        log, without the task's turn of the loop: its `create_order` never awaits, so there is nothing
+        a cancellation could cut off, and the task only records the answer. Should it await after all
+        (a test's wrapper does), the task carries the rest of the call on, under the send timeout.
         """
         started: _Started | None = None
+        inline: _Inline | None = None
         if self._seq_next < self._seq_end:
             order = self._new_order(intent, self._take_id())
             commit = self.store.log_order(order)
             started = _Started(order, self.store.insert_order(order) if commit is None else None, commit)
-        task = asyncio.ensure_future(self._submit(intent, started))
+            if commit is not None and self._inline:
+                inline = self._send_inline(self._request(intent, order.client_order_id))
+        task = asyncio.ensure_future(self._submit(intent, started, inline))
         if started is not None and started.commit is not None:
             # Started when the loop is next free, i.e. after the task's first step: during a live send,
             # which waits on the network, so the ledger thread writes in parallel with the round trip;
@@ -278,17 +324,9 @@ class OrderManager:
             reason=intent.reason,
         )
 
-    async def _submit(self, intent: OrderIntent, started: _Started | None) -> SubmitResult:
-        commit: Callable[[], Awaitable[None]] | None = None  # a logged row's commit, after the send
-        if started is None:
-            order = self._new_order(intent, await self.new_client_order_id())
-            await self.store.insert_order(order)
-        else:
-            order, commit = started.order, started.commit
-            if started.inserting is not None:
-                await started.inserting
-        cid = order.client_order_id
-        request = OrderRequest(
+    @staticmethod
+    def _request(intent: OrderIntent, cid: str) -> OrderRequest:
+        return OrderRequest(
             client_order_id=cid,
             symbol=intent.symbol,
             side=intent.side,
@@ -299,8 +337,33 @@ class OrderManager:
             reduce_only=intent.reduce_only,
             leverage=intent.leverage,
         )
+
+    def _send_inline(self, request: OrderRequest) -> _Inline:
+        """Run the exchange's `create_order` here, up to its answer or its first await. Whatever it
+        raises is kept for the task to handle, exactly as if it had raised there."""
+        coro = self.exchange.create_order(request)
         try:
-            update = await self._send(request, commit)
+            yielded = coro.send(None)
+        except StopIteration as done:
+            return _Inline(request, update=done.value)
+        except BaseException as exc:  # raised again in the task, by _send
+            return _Inline(request, error=exc)
+        return _Inline(request, rest=_carry_on(coro, yielded))
+
+    async def _submit(self, intent: OrderIntent, started: _Started | None,
+                      inline: _Inline | None = None) -> SubmitResult:
+        commit: Callable[[], Awaitable[None]] | None = None  # a logged row's commit, after the send
+        if started is None:
+            order = self._new_order(intent, await self.new_client_order_id())
+            await self.store.insert_order(order)
+        else:
+            order, commit = started.order, started.commit
+            if started.inserting is not None:
+                await started.inserting
+        cid = order.client_order_id
+        request = inline.request if inline is not None else self._request(intent, cid)
+        try:
+            update = await self._send(request, commit, inline)
         except (RateLimited, ClockSkew) as exc:
             # Refused before it did anything (Binance places nothing on 429/418/-1003 or -1021), so there
             # is nothing to look for. Not resent either: the engine decides again on fresh prices, and
@@ -336,14 +399,23 @@ class OrderManager:
         )
         return await self.apply_update(order, update)
 
-    async def _send(self, request: OrderRequest, commit: Callable[[], Awaitable[None]] | None) -> OrderUpdate:
-        """Send once. A row that went out before its commit is committed before anything else about the
-        order is recorded, whatever the send did: the commit's own failure (the row stays in the intent
-        log, the ledger's `order_failure` stops the daemon so that the next start commits it) outranks
-        the send's. Shielded: cancelling this task must not cancel the commit's future, which would
-        drop the error the ledger thread delivers to it."""
+    async def _send(self, request: OrderRequest, commit: Callable[[], Awaitable[None]] | None,
+                    inline: _Inline | None = None) -> OrderUpdate:
+        """Send once (or take the answer of the send `submit` made inline). A row that went out before
+        its commit is committed before anything else about the order is recorded, whatever the send
+        did: the commit's own failure (the row stays in the intent log, the ledger's `order_failure`
+        stops the daemon so that the next start commits it) outranks the send's. Shielded: cancelling
+        this task must not cancel the commit's future, which would drop the error the ledger thread
+        delivers to it."""
         try:
-            return await self.clock.wait_for(self.exchange.create_order(request), self.send_timeout)
+            if inline is None:
+                return await self.clock.wait_for(self.exchange.create_order(request), self.send_timeout)
+            if inline.rest is not None:
+                return await self.clock.wait_for(inline.rest, self.send_timeout)
+            if inline.error is not None:
+                raise inline.error
+            assert inline.update is not None
+            return inline.update
         finally:
             if commit is not None:
                 await asyncio.shield(commit())
@@ -496,8 +568,8 @@ class OrderManager:
         `defer_record`: a plain cancel (no fills) returns once the exchange has answered, with its
         ledger write still running in `result.recorded`, which the caller must await (an unawaited
         failure would go unseen). A take-profit cancels the position's stop and then sells: the sell's
-        own order row is queued at once and reaches the ledger thread first, the cancel's record right
-        behind it, so the sell does not wait a whole ledger round trip for the record. Nothing depends
+        own order row goes into the intent log at once and the sell out, the cancel's record running
+        beside them, so the sell does not wait a whole ledger round trip for the record. Nothing depends
         on that row before then: the engine decides from the exchange's answer, and a crash in between
         leaves an order the ledger still thinks open, which reconciliation settles by asking the
         exchange. Fills are always recorded before returning."""

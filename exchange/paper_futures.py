@@ -303,6 +303,8 @@ class PaperFuturesExchange:
     in the order they were placed, then liquidates positions whose price was reached.
     """
 
+    answers_inline = True  # create_order never awaits (see exchange.base.Exchange)
+
     def __init__(
         self,
         feed: MarketFeed,

@@ -133,9 +133,12 @@ async def test_a_take_profit_asks_the_ledger_only_what_it_needs(rig: Rig) -> Non
     await rig.settle()
     assert rig.sells == [OrderType.STOP_MARKET, OrderType.MARKET]
     assert (await rig.ledger.get_order(stop_id)).state is OrderState.CANCELED  # type: ignore[union-attr]
-    # The resting stops (one read), the cancel, the held amount under the trade lock, the order row
-    # (into the intent log: the sell does not wait for its commit).
-    assert before_sell == Counter(orders_in_states=1, update_order=1, positions=1, log_order=1)
+    # The resting stops (one read), the held amount under the trade lock, the order row (into the
+    # intent log: the sell does not wait for its commit). The cancel's record is deferred (see
+    # `BaseEngine.cancel_stop`), and the paper exchange answers inline, so the sell goes out before the
+    # record's task has even run; the record is there afterwards (the CANCELED state above).
+    assert before_sell == Counter(orders_in_states=1, positions=1, log_order=1)
+    assert calls["update_order"] >= 1
 
 
 async def test_a_take_profit_settles_a_stop_left_unknown_then_cancels_it_and_sells_once(rig: Rig) -> None:
