@@ -4,11 +4,13 @@ The real order path runs: `SpotEngine.run` woken by the feed's `UpdateSignal`, `
 rule, the `RiskGate` with the `CapitalAllocator`'s reservation, the `OrderManager` (client order id
 from the ledger's sequence, the order row made durable in a real `Ledger`'s intent log before sending,
 its SQLite commit following on the ledger thread) and
-`PaperExchange.create_order`. The paper exchange's own `run()` works its resting orders inside each
-of the feed's updates (`on_update`), before the engine wakes, and its fills reach the ledger through a
-late-fill task, wired as the Orchestrator wires them. Only the feed is scripted: a one-symbol
-`MarketFeed` whose candles make the momentum rule enter, and whose next update moves the price past
-the take-profit or the stop-loss (alternately), so the engine exits and enters again.
+`PaperExchange.create_order` (called in the engine's task: the paper exchange answers inline). The
+paper exchange's own `run()` works its resting orders inside each of the feed's updates
+(`on_update`), before the engine wakes, and its fills reach the ledger through a late-fill task,
+wired as the Orchestrator wires them. Only the feed is scripted: a one-symbol `MarketFeed` whose
+candles close one bar per update (see `ScriptedFeed`), making the momentum rule enter, and whose
+next update moves the price past the take-profit or the stop-loss (alternately), so the engine
+exits and enters again.
 
 Per round: the entry (a market buy, then the protective stop-market sell the engine puts on the
 exchange), then either a take-profit (the engine cancels its stop and sells at market) or a
@@ -233,7 +235,7 @@ class ScriptedFeed:
         return Ticker(SYMBOL, bid=last * (1 - HALF_SPREAD), ask=last * (1 + HALF_SPREAD), last=last, ts=now)
 
 
-STAGES = ("wake", "decide", "log", "resume", "send")
+STAGES = ("wake", "decide", "log", "to-send", "send")
 STAGE_HELP = {
     "wake": "update published -> engine.step() entered (wake-up; a position reload after a fill the engine "
             "did not make, if the one begun while idle has not finished)",
@@ -241,7 +243,8 @@ STAGE_HELP = {
               "cancelling the protective stop)",
     "log": "gate, allocator, the client order id, the order row copied into the intent log and its "
            "commit queued for the ledger thread",
-    "resume": "the loop runs OrderManager.submit's task on to the send",
+    "to-send": "on to the send: the request built, PaperExchange.create_order called in the engine's task "
+              "(the paper exchange answers inline)",
     "send": "PaperExchange.create_order() entered -> returned",
 }
 # Not on the path measured, shown beside it: from logging the row to its SQLite commit being known
