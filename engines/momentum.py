@@ -152,11 +152,11 @@ def prepare(candles: CandleSeries, p: MomentumParams) -> NextBar | None:
     None when that reading needs no recursion (still warming up) or has too short a window for the
     one-pass loop; `evaluate` then computes it whole, as it always can.
     """
-    if p.ema_fast < 1 or p.ema_slow < 1 or p.rsi_period < 1:
-        _check_period(min(p.ema_fast, p.ema_slow, p.rsi_period))
     warmup = p.warmup_bars
     if len(candles) + 1 < warmup:
-        return None
+        return None  # (as `evaluate` answers 'warming up' before it looks at the periods)
+    if p.ema_fast < 1 or p.ema_slow < 1 or p.rsi_period < 1:
+        _check_period(min(p.ema_fast, p.ema_slow, p.rsi_period))
     window = max(warmup * 4, 100)
     closes = _floats(candles.close[-(window - 1) :])
     if max(p.ema_fast, p.ema_slow, p.rsi_period + 1) > len(closes):

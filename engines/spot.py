@@ -62,7 +62,6 @@ class SpotEngine(BaseEngine):
         self.position_size_pct = Decimal(str(s.spot_position_size_pct))
         self.max_age = s.spot_max_data_age_seconds
         self.scan_interval = s.spot_scan_interval_seconds
-        self._window = max(self.params.warmup_bars * 4, 100)
         self._last_candle_ts: dict[str, float] = {}
         self._last_scan_at: dict[str, float] = {}
         # Per symbol: the momentum rule's work for the next candle (see `look_ahead`), and the newest
@@ -72,6 +71,11 @@ class SpotEngine(BaseEngine):
         # Per symbol: when step() next looks at the protective stop, and the backoff after a refusal.
         self._stop_next_check: dict[str, float] = {}
         self._stop_backoff: dict[str, float] = {}
+
+    @property
+    def _window(self) -> int:
+        """The candles the momentum rule reads (its window; see `engines.momentum.evaluate`)."""
+        return max(self.params.warmup_bars * 4, 100)
 
     @property
     def wait_seconds(self) -> float:

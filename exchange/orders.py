@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import os
-import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from decimal import Decimal
 from typing import Any, Protocol
@@ -152,27 +152,39 @@ class _Inline:
     rest: Awaitable[OrderUpdate] | None = None
 
 
-@types.coroutine
-def _carry_on(coro: Coroutine[Any, Any, OrderUpdate], yielded: Any) -> Generator[Any, Any, OrderUpdate]:
-    """The rest of `coro`, begun outside any task and suspended where it yielded `yielded`: what
-    `yield from coro` would have done from that point on (the loop's answers sent in, a cancellation
-    thrown in), so that a task can carry it on."""
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # a cancellation or timeout, for the exchange call to handle
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+class _CarryOn:
+    """The rest of a coroutine that `submit` stepped itself and that suspended where it yielded
+    `yielded`: awaited in the order manager's task, it is what `yield from coro` would have been from
+    that point on. The first resume hands the loop what the coroutine yielded; later ones send the
+    loop's answers in; a cancellation or timeout is thrown into the coroutine, and closing closes it.
+    (A class rather than a generator, so that what the coroutine raises while handling a thrown
+    exception is not chained to it, as with `yield from`.)"""
+
+    def __init__(self, coro: Coroutine[Any, Any, OrderUpdate], yielded: Any) -> None:
+        self._coro = coro
+        self._pending: list[Any] = [yielded]
+
+    def __await__(self) -> Generator[Any, Any, OrderUpdate]:
+        return self  # an iterator with send/throw/close, as a generator is
+
+    def __iter__(self) -> _CarryOn:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        if self._pending:
+            return self._pending.pop()
+        return self._coro.send(value)
+
+    def throw(self, *exc: Any) -> Any:
+        self._pending.clear()
+        return self._coro.throw(*exc)
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._coro.close()
 
 
 def _start_commit(commit: Callable[[], Awaitable[None]]) -> None:
@@ -277,20 +289,25 @@ class OrderManager:
         """
         started: _Started | None = None
         inline: _Inline | None = None
+        context: contextvars.Context | None = None  # None: the task gets a copy of the caller's
         if self._seq_next < self._seq_end:
             order = self._new_order(intent, self._take_id())
             commit = self.store.log_order(order)
             started = _Started(order, self.store.insert_order(order) if commit is None else None, commit)
             if commit is not None and self._inline:
-                inline = self._send_inline(self._request(intent, order.client_order_id))
-        task = asyncio.ensure_future(self._submit(intent, started, inline))
+                # In the context the task will have, as if the task had made the call.
+                context = contextvars.copy_context()
+                inline = context.run(self._send_inline, self._request(intent, order.client_order_id))
+        loop = asyncio.get_running_loop()
+        # Never cancelled by the daemon (drain() waits for it): an inline send has already gone out.
+        task = loop.create_task(self._submit(intent, started, inline), context=context)
         if started is not None and started.commit is not None:
             # Started when the loop is next free, i.e. after the task's first step: during a live send,
             # which waits on the network, so the ledger thread writes in parallel with the round trip;
             # after the answer when the exchange gives it without waiting (paper), so that the ledger
             # thread does not take the GIL from the send. Here, not in the task: it starts even if the
             # task is cancelled before it runs.
-            asyncio.get_running_loop().call_soon(_start_commit, started.commit)
+            loop.call_soon(_start_commit, started.commit)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return await asyncio.shield(task)
@@ -340,15 +357,20 @@ class OrderManager:
 
     def _send_inline(self, request: OrderRequest) -> _Inline:
         """Run the exchange's `create_order` here, up to its answer or its first await. Whatever it
-        raises is kept for the task to handle, exactly as if it had raised there."""
-        coro = self.exchange.create_order(request)
+        raises is kept for the task, whose `_send` raises it again, so it is handled (and the row
+        committed first) as if the task had made the call. Anything else than a coroutine (an
+        exchange wrapped by a test) is left for the task to await."""
         try:
-            yielded = coro.send(None)
-        except StopIteration as done:
-            return _Inline(request, update=done.value)
+            call = self.exchange.create_order(request)
+            if not asyncio.iscoroutine(call):
+                return _Inline(request, rest=call)
+            try:
+                yielded = call.send(None)
+            except StopIteration as done:
+                return _Inline(request, update=done.value)
+            return _Inline(request, rest=_CarryOn(call, yielded))
         except BaseException as exc:  # raised again in the task, by _send
             return _Inline(request, error=exc)
-        return _Inline(request, rest=_carry_on(coro, yielded))
 
     async def _submit(self, intent: OrderIntent, started: _Started | None,
                       inline: _Inline | None = None) -> SubmitResult:

@@ -11,6 +11,7 @@ network client keeps its own task for the send.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from decimal import Decimal
 from pathlib import Path
 
@@ -158,3 +159,43 @@ async def test_a_network_client_is_sent_to_from_a_task_of_its_own(tmp_path: Path
         result = await asyncio.wait_for(submitting, BOUND)
         assert exchange.sent == [result.order.client_order_id]
 
+
+
+async def test_a_wrapper_that_raises_before_any_coroutine_exists_is_recorded_too(tmp_path: Path) -> None:
+    """A plain function standing in for `create_order` (a test's wrapper) that raises at once: the
+    refusal is recorded and the row committed, as for any refusal, and submit does not raise."""
+    async with await Ledger.open(tmp_path / "ledger.sqlite3", SimClock(T0)) as ledger:
+        exchange = InlineExchange(ledger)
+        om = await manager(ledger, exchange)
+
+        def refuse_now(request: OrderRequest) -> OrderUpdate:
+            exchange.sent.append(request.client_order_id)
+            raise OrderRejected("Filter failure: LOT_SIZE")
+
+        exchange.create_order = refuse_now  # type: ignore[assignment,method-assign]
+        result = await asyncio.wait_for(om.submit(buy()), BOUND)
+        assert result.error == "Filter failure: LOT_SIZE"
+        stored = await ledger.get_order(exchange.sent[0])
+        assert stored is not None and stored.state is OrderState.REJECTED
+        assert ledger._intents.in_use() == 0
+
+
+SEEN_BY_SEND: contextvars.ContextVar[str] = contextvars.ContextVar("seen_by_send", default="caller")
+
+
+async def test_the_inline_call_runs_in_the_tasks_context_not_the_callers(tmp_path: Path) -> None:
+    """What the exchange call sets in its context stays with the order's task, as when the task made
+    the call, and the caller's context is left as it was."""
+    async with await Ledger.open(tmp_path / "ledger.sqlite3", SimClock(T0)) as ledger:
+        exchange = InlineExchange(ledger)
+        om = await manager(ledger, exchange)
+        original = exchange.create_order
+
+        async def marking(request: OrderRequest) -> OrderUpdate:
+            SEEN_BY_SEND.set("send")
+            return await original(request)
+
+        exchange.create_order = marking  # type: ignore[method-assign]
+        async with asyncio.timeout(BOUND):  # (not wait_for: its task would have a context of its own)
+            await om.submit(buy())
+        assert SEEN_BY_SEND.get() == "caller"

@@ -142,7 +142,7 @@ def test_prepare_says_none_while_the_next_reading_is_still_warming_up() -> None:
     assert prepare(candles, p) is None
     assert prepare(series(price_series(p.warmup_bars - 1, seed=1)), p) is not None
     with pytest.raises(ValueError, match="period must be >= 1"):
-        prepare(candles, MomentumParams(ema_fast=0))
+        prepare(series(price_series(100, seed=1)), MomentumParams(ema_fast=0))
 
 
 # --------------------------------------------------------------------------- the spot engine
