@@ -1083,7 +1083,7 @@ class Ledger:
     async def orders_in_states(self, states: Iterable[OrderState], engine: str | None = None) -> list[Order]:
         """Oldest first, so orders are resolved in the order they were made. Orders in play only (the
         engines' question: what is working, what is unsettled) come from memory."""
-        chosen = {OrderState(s) for s in states}
+        chosen = {s if type(s) is OrderState else OrderState(s) for s in states}  # (no Enum call per member)
         if not chosen:
             return []
         if chosen <= IN_PLAY:
