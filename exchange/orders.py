@@ -143,13 +143,29 @@ class _Started:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Inline:
-    """A send `submit` made itself, in its caller's task (an exchange that `answers_inline`): the
-    exchange's answer, or what it raised, or, had it awaited after all, the rest of the call."""
+    """An exchange call made in the caller's task (an exchange that `answers_inline`, see `_call_inline`):
+    the exchange's answer, or what it raised, or, had it awaited after all, the rest of the call."""
 
-    request: OrderRequest
     update: OrderUpdate | None = None
     error: BaseException | None = None
     rest: Awaitable[OrderUpdate] | None = None
+
+
+def _call_inline(call: Callable[[], Awaitable[OrderUpdate]]) -> _Inline:
+    """Make the exchange call here, up to its answer or its first await. Whatever it raises is kept
+    for `OrderManager._answer` to raise again, so it is handled where the call would have been
+    awaited. Anything else than a coroutine (an exchange wrapped by a test) is left to be awaited."""
+    try:
+        started = call()
+        if not asyncio.iscoroutine(started):
+            return _Inline(rest=started)
+        try:
+            yielded = started.send(None)
+        except StopIteration as done:
+            return _Inline(update=done.value)
+        return _Inline(rest=_CarryOn(started, yielded))
+    except BaseException as exc:  # raised again by _answer
+        return _Inline(error=exc)
 
 
 class _CarryOn:
@@ -296,8 +312,9 @@ class OrderManager:
             started = _Started(order, self.store.insert_order(order) if commit is None else None, commit)
             if commit is not None and self._inline:
                 # In the context the task will have, as if the task had made the call.
+                request = self._request(intent, order.client_order_id)
                 context = contextvars.copy_context()
-                inline = context.run(self._send_inline, self._request(intent, order.client_order_id))
+                inline = context.run(_call_inline, lambda: self.exchange.create_order(request))
         loop = asyncio.get_running_loop()
         # Never cancelled by the daemon (drain() waits for it): an inline send has already gone out.
         task = loop.create_task(self._submit(intent, started, inline), context=context)
@@ -355,23 +372,6 @@ class OrderManager:
             leverage=intent.leverage,
         )
 
-    def _send_inline(self, request: OrderRequest) -> _Inline:
-        """Run the exchange's `create_order` here, up to its answer or its first await. Whatever it
-        raises is kept for the task, whose `_send` raises it again, so it is handled (and the row
-        committed first) as if the task had made the call. Anything else than a coroutine (an
-        exchange wrapped by a test) is left for the task to await."""
-        try:
-            call = self.exchange.create_order(request)
-            if not asyncio.iscoroutine(call):
-                return _Inline(request, rest=call)
-            try:
-                yielded = call.send(None)
-            except StopIteration as done:
-                return _Inline(request, update=done.value)
-            return _Inline(request, rest=_CarryOn(call, yielded))
-        except BaseException as exc:  # raised again in the task, by _send
-            return _Inline(request, error=exc)
-
     async def _submit(self, intent: OrderIntent, started: _Started | None,
                       inline: _Inline | None = None) -> SubmitResult:
         commit: Callable[[], Awaitable[None]] | None = None  # a logged row's commit, after the send
@@ -383,7 +383,7 @@ class OrderManager:
             if started.inserting is not None:
                 await started.inserting
         cid = order.client_order_id
-        request = inline.request if inline is not None else self._request(intent, cid)
+        request = self._request(intent, cid)
         try:
             update = await self._send(request, commit, inline)
         except (RateLimited, ClockSkew) as exc:
@@ -432,15 +432,20 @@ class OrderManager:
         try:
             if inline is None:
                 return await self.clock.wait_for(self.exchange.create_order(request), self.send_timeout)
-            if inline.rest is not None:
-                return await self.clock.wait_for(inline.rest, self.send_timeout)
-            if inline.error is not None:
-                raise inline.error
-            assert inline.update is not None
-            return inline.update
+            return await self._answer(inline)
         finally:
             if commit is not None:
                 await asyncio.shield(commit())
+
+    async def _answer(self, inline: _Inline) -> OrderUpdate:
+        """The answer of an exchange call made inline: as it came, or raised, or the rest of the call
+        awaited under the send timeout."""
+        if inline.rest is not None:
+            return await self.clock.wait_for(inline.rest, self.send_timeout)
+        if inline.error is not None:
+            raise inline.error
+        assert inline.update is not None
+        return inline.update
 
     async def _rejected(self, order: Order, reason: str) -> SubmitResult:
         await self.store.update_order(order.client_order_id, state=OrderState.REJECTED)
@@ -596,9 +601,13 @@ class OrderManager:
         leaves an order the ledger still thinks open, which reconciliation settles by asking the
         exchange. Fills are always recorded before returning."""
         try:
-            update = await self.clock.wait_for(
-                self.exchange.cancel_order(order.symbol, order.client_order_id), self.send_timeout
-            )
+            if self._inline:  # no timer to set for an answer that comes without awaiting
+                update = await self._answer(_call_inline(
+                    lambda: self.exchange.cancel_order(order.symbol, order.client_order_id)))
+            else:
+                update = await self.clock.wait_for(
+                    self.exchange.cancel_order(order.symbol, order.client_order_id), self.send_timeout
+                )
         except OrderNotFound:
             return await self.resolve_unknown(order)
         if not defer_record or update.fills:

@@ -199,3 +199,35 @@ async def test_the_inline_call_runs_in_the_tasks_context_not_the_callers(tmp_pat
         async with asyncio.timeout(BOUND):  # (not wait_for: its task would have a context of its own)
             await om.submit(buy())
         assert SEEN_BY_SEND.get() == "caller"
+
+
+async def test_a_cancel_inline_settles_as_before_and_a_lost_order_is_asked_for(tmp_path: Path) -> None:
+    """Cancels of an exchange that answers inline: a resting order is cancelled and recorded; one the
+    exchange does not know (it filled, or never arrived) is settled by asking for it, never assumed."""
+    async with await Ledger.open(tmp_path / "ledger.sqlite3", SimClock(T0)) as ledger:
+        exchange = InlineExchange(ledger)
+        om = await manager(ledger, exchange, unknown_grace_seconds=0.0)
+        cancelled: list[str] = []
+
+        async def cancel_order(symbol: str, client_order_id: str) -> OrderUpdate:
+            if client_order_id not in exchange.placed:
+                raise OrderNotFound(client_order_id)
+            cancelled.append(client_order_id)
+            placed = exchange.placed[client_order_id]
+            exchange.placed[client_order_id] = OrderUpdate(
+                client_order_id=client_order_id, exchange_order_id=placed.exchange_order_id, symbol=symbol,
+                side=placed.side, order_type=placed.order_type, amount=placed.amount, filled=D(0),
+                avg_price=None, state=OrderState.CANCELED, ts=T0)
+            return exchange.placed[client_order_id]
+
+        exchange.cancel_order = cancel_order  # type: ignore[attr-defined]
+        resting = await asyncio.wait_for(om.submit(buy()), BOUND)
+        result = await asyncio.wait_for(om.cancel(resting.order), BOUND)
+        assert cancelled == [resting.order.client_order_id] and result.order.state is OrderState.CANCELED
+        stored = await ledger.get_order(resting.order.client_order_id)
+        assert stored is not None and stored.state is OrderState.CANCELED
+
+        exchange.refuse = "no"  # the next order never reaches the exchange
+        lost = await asyncio.wait_for(om.submit(buy()), BOUND)
+        settled = await asyncio.wait_for(om.cancel(lost.order), BOUND)
+        assert settled.order.state is OrderState.REJECTED and cancelled == [resting.order.client_order_id]
