@@ -83,14 +83,13 @@ class Balance:
 
 class Exchange(Protocol):
     market_type: MarketType
-    # True when `create_order` and `cancel_order` never await (the paper exchanges match against prices
-    # in memory). Once the order's row is in the intent log, the order manager then calls
-    # `create_order` in the submitting task (in a copy of its context) instead of a task of its own:
-    # nothing could cancel it halfway, and the order goes out one turn of the event loop sooner; and
-    # it sets no timer around `cancel_order`. Should either await after all, the order manager carries
-    # the rest of the call on under its send timeout, so it must not bind anything to the current
-    # task before its first await (an `asyncio.timeout` there would be the caller's). A network
-    # client says False: its send must survive the cancellation of whoever asked for it.
+    # True when `create_order` never awaits (the paper exchanges match against prices in memory). Once
+    # the order's row is in the intent log, the order manager then calls it in the submitting task
+    # (in a copy of its context) instead of a task of its own: nothing could cancel it halfway, and
+    # the order goes out one turn of the event loop sooner. Should it await after all, the order
+    # manager's task carries it on under the send timeout, so it must not bind anything to the
+    # current task before its first await (an `asyncio.timeout` there would be the caller's). A
+    # network client says False: its send must survive the cancellation of whoever asked for it.
     answers_inline: bool
 
     async def load_markets(self) -> dict[str, MarketInfo]: ...

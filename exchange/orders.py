@@ -601,13 +601,9 @@ class OrderManager:
         leaves an order the ledger still thinks open, which reconciliation settles by asking the
         exchange. Fills are always recorded before returning."""
         try:
-            if self._inline:  # no timer to set for an answer that comes without awaiting
-                update = await self._answer(_call_inline(
-                    lambda: self.exchange.cancel_order(order.symbol, order.client_order_id)))
-            else:
-                update = await self.clock.wait_for(
-                    self.exchange.cancel_order(order.symbol, order.client_order_id), self.send_timeout
-                )
+            update = await self.clock.wait_for(
+                self.exchange.cancel_order(order.symbol, order.client_order_id), self.send_timeout
+            )
         except OrderNotFound:
             return await self.resolve_unknown(order)
         if not defer_record or update.fills:

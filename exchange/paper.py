@@ -187,7 +187,7 @@ class PaperExchange:
     need (a buy limit: amount*price plus the maker fee; a buy stop: at the stop plus slippage and fee).
     """
 
-    answers_inline = True  # create_order and cancel_order never await (see exchange.base.Exchange)
+    answers_inline = True  # create_order never awaits (see exchange.base.Exchange)
 
     def __init__(
         self,

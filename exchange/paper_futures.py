@@ -303,7 +303,7 @@ class PaperFuturesExchange:
     in the order they were placed, then liquidates positions whose price was reached.
     """
 
-    answers_inline = True  # create_order and cancel_order never await (see exchange.base.Exchange)
+    answers_inline = True  # create_order never awaits (see exchange.base.Exchange)
 
     def __init__(
         self,

@@ -201,9 +201,10 @@ async def test_the_inline_call_runs_in_the_tasks_context_not_the_callers(tmp_pat
         assert SEEN_BY_SEND.get() == "caller"
 
 
-async def test_a_cancel_inline_settles_as_before_and_a_lost_order_is_asked_for(tmp_path: Path) -> None:
-    """Cancels of an exchange that answers inline: a resting order is cancelled and recorded; one the
-    exchange does not know (it filled, or never arrived) is settled by asking for it, never assumed."""
+async def test_cancels_settle_as_before_and_a_lost_order_is_asked_for(tmp_path: Path) -> None:
+    """Cancels of an exchange that answers inline (awaited in the caller, as from any exchange): a
+    resting order is cancelled and recorded; one the exchange does not know (it filled, or never
+    arrived) is settled by asking for it, never assumed."""
     async with await Ledger.open(tmp_path / "ledger.sqlite3", SimClock(T0)) as ledger:
         exchange = InlineExchange(ledger)
         om = await manager(ledger, exchange, unknown_grace_seconds=0.0)
