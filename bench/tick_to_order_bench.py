@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -551,6 +552,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also time each stage of the path")
     parser.add_argument("--cpu", type=int, default=None,
                         help="run on this one CPU, as systemd's CPUAffinity= would (default: any)")
+    parser.add_argument("--cpu-latency-us", type=int, default=None,
+                        help="hold a PM QoS request on /dev/cpu_dma_latency for the runs (0: CPUs never enter an "
+                             "idle state slower to leave than polling); needs root; see deploy/README.md")
     args = parser.parse_args()
     if args.orders < 2 or args.repeat < 1 or args.warmup < 0:
         parser.error("need --orders >= 2, --repeat >= 1 and --warmup >= 0")
@@ -560,18 +564,31 @@ def main() -> None:
             parser.error(f"--cpu {args.cpu}: this process may run on CPUs {allowed}")
         # Before any thread exists, so the ledger's threads inherit it, as under systemd.
         os.sched_setaffinity(0, {args.cpu})
+    latency = None
+    if args.cpu_latency_us is not None:
+        if args.cpu_latency_us < 0:
+            parser.error("--cpu-latency-us must be >= 0")
+        try:
+            # The kernel keeps the request while this descriptor is open, and drops it when it closes.
+            latency = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+            os.write(latency, struct.pack("i", args.cpu_latency_us))
+        except OSError as exc:
+            parser.error(f"--cpu-latency-us: cannot hold a request on /dev/cpu_dma_latency: {exc}")
     # The daemon's log pipeline (JSON, scrubbed), written to /dev/null: its cost stays, its lines do not.
     with open(os.devnull, "w") as sink:
         configure_logging("json", "INFO", stream=sink)
         results = [asyncio.run(one_run(args.orders, args.warmup, args.gap_ms, args.journal, args.breakdown))
                    for _ in range(args.repeat)]
+    if latency is not None:
+        os.close(latency)
     report(args, results)
 
 
 def report(args: argparse.Namespace, results: list[RunResult]) -> None:
     print(f"tick to order (update published -> PaperExchange.create_order returned), {SYMBOL}, "
           f"{'with' if args.journal else 'without'} journal writer, gap {args.gap_ms:g} ms, "
-          f"{'any CPU' if args.cpu is None else f'CPU {args.cpu} only'}")
+          f"{'any CPU' if args.cpu is None else f'CPU {args.cpu} only'}"
+          + ("" if args.cpu_latency_us is None else f", CPU idle exit latency held at <= {args.cpu_latency_us} us"))
     for i, res in enumerate(results, 1):
         print(f"run {i}: closed trades {res.closed}, denied {res.denied}, rejected {res.rejected}, "
               f"engine sells after the exchange's stop filled {res.sells_after_exchange_stop}, "
