@@ -321,9 +321,9 @@ class OrderManager:
         if started is not None and started.commit is not None:
             # Started when the loop is next free, i.e. after the task's first step: during a live send,
             # which waits on the network, so the ledger thread writes in parallel with the round trip;
-            # after the answer when the exchange gives it without waiting (paper), so that the ledger
-            # thread does not take the GIL from the send. Here, not in the task: it starts even if the
-            # task is cancelled before it runs.
+            # after the answer when the exchange answers inline (paper: sent above, before the task
+            # exists), so that the ledger thread does not take the GIL from the send. Here, not in the
+            # task: it starts even if the task is cancelled before it runs.
             loop.call_soon(_start_commit, started.commit)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
