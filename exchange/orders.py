@@ -164,7 +164,7 @@ def _call_inline(call: Callable[[], Awaitable[OrderUpdate]]) -> _Inline:
         except StopIteration as done:
             return _Inline(update=done.value)
         return _Inline(rest=_CarryOn(started, yielded))
-    except BaseException as exc:  # raised again by _answer
+    except BaseException as exc:  # raised again by _answer, in the task, after the row's commit
         return _Inline(error=exc)
 
 
@@ -294,9 +294,9 @@ class OrderManager:
         answer and the ledger, where its fill would be lost. `drain()` waits for such orphans.
 
         When the current block still has an id, the order row is written here, before the task is
-        created: into the store's intent log when it can take it (durable at once, so the task sends
+        created: into the store's intent log when it can take it (durable at once, so the send goes out
         without waiting for the commit), else queued for the ledger thread, which then commits it while
-        the loop gets round to the task.
+        the loop gets round to the task, which sends once it is committed.
 
         An exchange that `answers_inline` (paper) is sent to right here once the row is in the intent
         log, without the task's turn of the loop: its `create_order` never awaits, so there is nothing

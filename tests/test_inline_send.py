@@ -195,10 +195,19 @@ async def test_the_inline_call_runs_in_the_tasks_context_not_the_callers(tmp_pat
             SEEN_BY_SEND.set("send")
             return await original(request)
 
+        seen_when_recorded: list[str] = []
+        real_apply = om.apply_update
+
+        async def apply_update(*args: object, **kwargs: object) -> object:
+            seen_when_recorded.append(SEEN_BY_SEND.get())
+            return await real_apply(*args, **kwargs)  # type: ignore[arg-type]
+
         exchange.create_order = marking  # type: ignore[method-assign]
+        om.apply_update = apply_update  # type: ignore[method-assign,assignment]
         async with asyncio.timeout(BOUND):  # (not wait_for: its task would have a context of its own)
             await om.submit(buy())
         assert SEEN_BY_SEND.get() == "caller"
+        assert seen_when_recorded == ["send"], "the task that records the answer has the call's context"
 
 
 async def test_cancels_settle_as_before_and_a_lost_order_is_asked_for(tmp_path: Path) -> None:
@@ -232,3 +241,19 @@ async def test_cancels_settle_as_before_and_a_lost_order_is_asked_for(tmp_path: 
         lost = await asyncio.wait_for(om.submit(buy()), BOUND)
         settled = await asyncio.wait_for(om.cancel(lost.order), BOUND)
         assert settled.order.state is OrderState.REJECTED and cancelled == [resting.order.client_order_id]
+
+
+async def test_a_row_the_intent_log_cannot_take_is_committed_before_the_send(tmp_path: Path) -> None:
+    """No inline send without the row in the intent log: when the log declines it (full, too long,
+    or after a refused commit), the row is committed first and the task sends after, as for any
+    exchange."""
+    async with await Ledger.open(tmp_path / "ledger.sqlite3", SimClock(T0)) as ledger:
+        exchange = InlineExchange(ledger)
+        om = await manager(ledger, exchange)
+        ledger.log_order = lambda order: None  # type: ignore[method-assign]  # the log declines every row
+        submitting = asyncio.ensure_future(om.submit(buy()))
+        await asyncio.sleep(0)
+        assert exchange.sent == [], "not sent from the caller"
+        result = await asyncio.wait_for(submitting, BOUND)
+        assert exchange.committed_at_send == [True]
+        assert exchange.sent == [result.order.client_order_id]
