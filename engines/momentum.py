@@ -111,7 +111,7 @@ def evaluate(candles: CandleSeries, p: MomentumParams, ahead: NextBar | None = N
         and volume[:-1] == ahead.volumes
     ):
         fast, slow, strength = _finish_indicators(
-            _step_indicators(ahead.state, close[-2], close[-1], p.ema_fast, p.ema_slow, p.rsi_period),
+            _joint_steps(ahead.state, close, len(close) - 1, p.ema_fast, p.ema_slow, p.rsi_period),
             close, p.ema_fast, p.ema_slow, p.rsi_period,
         )
         avg_volume = ahead.avg_volume
@@ -325,7 +325,7 @@ def _indicator_state(values: list[float], fast: int, slow: int, period: int) -> 
     """The three recursions' raw state (EMA fast, EMA slow, RSI gain, RSI loss) after every bar of
     `values`, which must reach the first bar they all step over (max(fast, slow, period + 1) <=
     len(values)). Each recursion performs exactly the operations of its own loop in `_last_ema` /
-    `_rsi_steps`, so stepping this state on by `_step_indicators` gives the same bits as running
+    `_rsi_steps`, so stepping this state on by `_joint_steps` gives the same bits as running
     over the longer list."""
     start = max(fast, slow, period + 1)  # the first bar every recursion steps over
     kf = 2.0 / (fast + 1)
@@ -340,11 +340,23 @@ def _indicator_state(values: list[float], fast: int, slow: int, period: int) -> 
         s = ks * x + bs * s
     g, loss = _rsi_seeds(values, period)
     g, loss = _rsi_steps(values, period + 1, start, g, loss, period)
-    # From `start` on: the three recursions side by side, each exactly as in its own loop above.
+    return _joint_steps((f, s, g, loss), values, start, fast, slow, period)
+
+
+def _joint_steps(state: tuple[float, float, float, float], values: list[float], lo: int, fast: int, slow: int,
+                 period: int) -> tuple[float, float, float, float]:
+    """The three recursions side by side over bars lo.. of `values` (lo >= 1), each exactly as in its
+    own loop (`_last_ema`, `_rsi_steps`): the rest of `_indicator_state`, and the one step `evaluate`
+    adds to a `NextBar`."""
+    f, s, g, loss = state
+    kf = 2.0 / (fast + 1)
+    bf = 1.0 - kf
+    ks = 2.0 / (slow + 1)
+    bs = 1.0 - ks
     alpha = 1.0 / period
     beta = (period - 1) / period
-    prev = values[start - 1]
-    for x in values[start:]:
+    prev = values[lo - 1]
+    for x in values[lo:]:
         f = kf * x + bf * f
         s = ks * x + bs * s
         change = x - prev
@@ -355,26 +367,6 @@ def _indicator_state(values: list[float], fast: int, slow: int, period: int) -> 
         else:
             g *= beta
             loss = beta * loss - alpha * change
-    return f, s, g, loss
-
-
-def _step_indicators(state: tuple[float, float, float, float], prev: float, x: float, fast: int, slow: int,
-                     period: int) -> tuple[float, float, float, float]:
-    """One more bar `x` (after `prev`) of `_indicator_state`'s joint loop, operation for operation."""
-    f, s, g, loss = state
-    kf = 2.0 / (fast + 1)
-    ks = 2.0 / (slow + 1)
-    alpha = 1.0 / period
-    beta = (period - 1) / period
-    f = kf * x + (1.0 - kf) * f
-    s = ks * x + (1.0 - ks) * s
-    change = x - prev
-    if change > 0.0:
-        g = alpha * change + beta * g
-        loss *= beta
-    else:
-        g *= beta
-        loss = beta * loss - alpha * change
     return f, s, g, loss
 
 
