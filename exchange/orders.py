@@ -304,6 +304,7 @@ class OrderManager:
         (a test's wrapper does), the task carries the rest of the call on, under the send timeout.
         """
         started: _Started | None = None
+        request: OrderRequest | None = None
         inline: _Inline | None = None
         context: contextvars.Context | None = None  # None: the task gets a copy of the caller's
         if self._seq_next < self._seq_end:
@@ -317,7 +318,7 @@ class OrderManager:
                 inline = context.run(_call_inline, lambda: self.exchange.create_order(request))
         loop = asyncio.get_running_loop()
         # Never cancelled by the daemon (drain() waits for it): an inline send has already gone out.
-        task = loop.create_task(self._submit(intent, started, inline), context=context)
+        task = loop.create_task(self._submit(intent, started, inline, request), context=context)
         if started is not None and started.commit is not None:
             # Started when the loop is next free, i.e. after the task's first step: during a live send,
             # which waits on the network, so the ledger thread writes in parallel with the round trip;
@@ -372,8 +373,8 @@ class OrderManager:
             leverage=intent.leverage,
         )
 
-    async def _submit(self, intent: OrderIntent, started: _Started | None,
-                      inline: _Inline | None = None) -> SubmitResult:
+    async def _submit(self, intent: OrderIntent, started: _Started | None, inline: _Inline | None = None,
+                      request: OrderRequest | None = None) -> SubmitResult:
         commit: Callable[[], Awaitable[None]] | None = None  # a logged row's commit, after the send
         if started is None:
             order = self._new_order(intent, await self.new_client_order_id())
@@ -383,7 +384,8 @@ class OrderManager:
             if started.inserting is not None:
                 await started.inserting
         cid = order.client_order_id
-        request = self._request(intent, cid)
+        if request is None:  # (submit built it when it sent inline)
+            request = self._request(intent, cid)
         try:
             update = await self._send(request, commit, inline)
         except (RateLimited, ClockSkew) as exc:
