@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from decimal import Decimal
 from typing import Any
 
 import structlog
 
 from core.types import MarketType, OrderType, PositionSide, Side, TradingState
+from core.values import value_type
 
 log = structlog.get_logger("bus")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class Event:
     ts: float
 
@@ -35,19 +36,19 @@ class Event:
         return out
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class DaemonStarted(Event):
     mode: str
     engines: tuple[str, ...]
     equity: Decimal
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class DaemonStopping(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class PortfolioReported(Event):
     """The final (or periodic) portfolio: equity, P&L and positions per engine."""
 
@@ -58,7 +59,7 @@ class PortfolioReported(Event):
     final: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class OrderPlaced(Event):
     engine: str
     client_order_id: str
@@ -70,7 +71,7 @@ class OrderPlaced(Event):
     reduce_only: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class OrderFilled(Event):
     engine: str
     client_order_id: str
@@ -82,7 +83,7 @@ class OrderFilled(Event):
     reduce_only: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class OrderCanceled(Event):
     engine: str
     client_order_id: str
@@ -90,7 +91,7 @@ class OrderCanceled(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class OrderRejectedByExchange(Event):
     engine: str
     client_order_id: str
@@ -98,7 +99,7 @@ class OrderRejectedByExchange(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class OrderDenied(Event):
     """The risk gate said no. Not an error: the engine goes on."""
 
@@ -108,7 +109,7 @@ class OrderDenied(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class PositionOpened(Event):
     engine: str
     market: MarketType
@@ -118,7 +119,7 @@ class PositionOpened(Event):
     entry_price: Decimal
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class PositionClosed(Event):
     engine: str
     market: MarketType
@@ -131,26 +132,26 @@ class PositionClosed(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class DataStale(Event):
     engine: str
     symbol: str
     age_seconds: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class EngineStarted(Event):
     engine: str
     attempt: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class EngineStopped(Event):
     engine: str
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class EngineStalled(Event):
     """Heartbeat older than the warning threshold (once per episode)."""
 
@@ -158,7 +159,7 @@ class EngineStalled(Event):
     heartbeat_age: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class EngineRestarted(Event):
     engine: str
     reason: str
@@ -166,21 +167,21 @@ class EngineRestarted(Event):
     backoff_seconds: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class EngineFailed(Event):
     engine: str
     reason: str
     restarts: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class EnginePaused(Event):
     engine: str
     paused: bool
     by: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class TradingStateChanged(Event):
     old: TradingState
     new: TradingState
@@ -188,14 +189,14 @@ class TradingStateChanged(Event):
     until: float | None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class ReconciliationFinding(Event):
     engine: str
     finding: str
     detail: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class CommandReceived(Event):
     command: str
     args: str

@@ -13,6 +13,8 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
+from core.values import value_type
+
 ZERO = Decimal(0)
 
 FloatArray = npt.NDArray[np.float64]
@@ -78,7 +80,7 @@ class MarketType(StrEnum):
     FUTURES = "futures"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Ticker:
     """The latest price of a symbol. `ts` is when it was observed, on the daemon's clock (epoch s)."""
 
@@ -95,7 +97,7 @@ class Ticker:
         return (self.bid + self.ask) / 2
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Candle:
     ts: float  # open time, epoch seconds UTC
     open: float
@@ -105,7 +107,7 @@ class Candle:
     volume: float
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class CandleSeries:
     """Closed candles of one symbol and timeframe, oldest first, as float64 arrays.
 
@@ -140,7 +142,7 @@ class CandleSeries:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class OrderIntent:
     """What an engine wants to do, before the risk gate has seen it.
 
@@ -188,7 +190,7 @@ class Order:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Fill:
     """One execution. `trade_id` is the exchange's; (client_order_id, trade_id) is unique."""
 
@@ -241,7 +243,7 @@ class Position:
         return diff if self.side is PositionSide.LONG else -diff
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class MarketInfo:
     """Precision and limits of one market, as loaded from the exchange."""
 

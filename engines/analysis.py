@@ -46,6 +46,7 @@ import structlog
 from core.clock import Clock
 from core.errors import DependencyError, TemporaryError
 from core.types import CandleSeries, FloatArray, PositionSide
+from core.values import value_type
 from engines.indicators import atr, ema, macd, rsi
 from exchange.candles import timeframe_seconds
 
@@ -185,7 +186,7 @@ class CandleCache:
 # --- indicators and rules (pure) -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class AnalysisParams:
     ema_fast: int = 9
     ema_slow: int = 21
@@ -223,7 +224,7 @@ class AnalysisParams:
                    self.rsi_period + 2, self.atr_period + 2, self.volume_bars + 1)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Reading:
     """The indicator values the rules read. `macd_hist` holds the last macd_cross_bars + 1 values."""
 
@@ -243,7 +244,7 @@ class Reading:
     bar_ts: float
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Rules:
     """Which rules hold for one direction."""
 
@@ -268,7 +269,7 @@ WEIGHTS: dict[str, int] = {
 assert sum(WEIGHTS.values()) == 100 and set(WEIGHTS) == {f.name for f in dataclasses.fields(Rules)}
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Score:
     direction: PositionSide | None
     confidence: float
@@ -276,7 +277,7 @@ class Score:
     short_score: int
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Signal:
     """A trade idea. `entry` is the last 15m close; the engine re-anchors the levels on its real fill
     at the same distance (`stop_distance_pct`)."""
@@ -432,7 +433,7 @@ def evaluate(symbol: str, c4h: CandleSeries, c1h: CandleSeries, c15m: CandleSeri
 # --- the async shell -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class AnalysisResult:
     """Signals best first (confidence, then symbol); `skipped` says why the others gave none."""
 

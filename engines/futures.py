@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -66,6 +65,7 @@ from core.types import (
     PositionSide,
     Ticker,
 )
+from core.values import value_type
 from engines.analysis import (
     ENTRY_TF,
     SIGNAL_TF,
@@ -118,7 +118,7 @@ STOP_RETRY_SECONDS = 60.0
 _LIVE = (OrderState.OPEN, OrderState.PARTIALLY_FILLED)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class FuturesParams:
     """Every `futures_*` setting the engine uses, grouped by the pure function that takes it."""
 

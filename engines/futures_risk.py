@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal, localcontext
 
 import numpy as np
 
 from core.types import ZERO, FloatArray, MarketInfo, PositionSide
+from core.values import value_type
 from exchange.base import quantize_down
 
 HUNDRED = Decimal(100)
@@ -54,7 +54,7 @@ def pct(value: float | str | Decimal) -> Decimal:
 # --- pre-trade checks -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class EntryLimits:
     max_positions: int = 12
     max_margin_use_pct: Decimal = Decimal(90)
@@ -62,7 +62,7 @@ class EntryLimits:
     max_correlated: int = 3
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class BookView:
     """The engine's book as the checks see it. `correlated` are the held symbols correlated with the
     candidate (see `correlated_symbols`)."""
@@ -75,7 +75,7 @@ class BookView:
     correlated: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class CheckResult:
     reasons: tuple[str, ...] = ()
 
@@ -118,7 +118,7 @@ def pre_trade_checks(book: BookView, new_margin: Decimal, limits: EntryLimits) -
 # --- correlation ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Closes:
     """1h closes of one symbol with their open times (seconds)."""
 
@@ -172,13 +172,13 @@ def correlated_symbols(candidate: Closes | None, held: Mapping[str, Closes | Non
 # --- leverage -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class LeverageTier:
     min_confidence: float
     leverage: int
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class LeveragePolicy:
     """Tiers from the highest confidence down; below every tier, `floor` (low confidence -> 3x)."""
 
@@ -215,13 +215,13 @@ def leverage_for(confidence: float, atr_pct: float, policy: LeveragePolicy,
 # --- size -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class SizingParams:
     risk_per_trade_pct: Decimal = Decimal(1)
     max_position_pct: Decimal = Decimal(25)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Sizing:
     amount: Decimal
     notional: Decimal
@@ -230,7 +230,7 @@ class Sizing:
     capped: bool
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Skip:
     reason: str
 
@@ -289,7 +289,7 @@ def target_towards_entry(target: Decimal, side: PositionSide, step: Decimal) -> 
 # --- exits ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class PartialRule:
     """Take `size_pct` of the position's initial amount once the price has moved `trigger_pct` in its
     favour. `label` is what the ledger remembers, so it must never change for a rule."""
@@ -299,7 +299,7 @@ class PartialRule:
     size_pct: Decimal
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ExitParams:
     partials: tuple[PartialRule, ...] = (
         PartialRule("tp1", Decimal("1.5"), Decimal(40)),
@@ -319,7 +319,7 @@ META_BEST = "best_price"
 META_TRAIL = "trailing_stop"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ExitState:
     """What the exit rules remember about one position, kept in the ledger position's `meta`."""
 
@@ -349,13 +349,13 @@ class ExitState:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class PartialTake:
     rule: PartialRule
     amount: Decimal  # 0: the partial cannot be executed (below the market minimum); mark it taken
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ExitDecision:
     close_reason: str | None
     partials: tuple[PartialTake, ...]
@@ -455,7 +455,7 @@ def decide_exit(*, side: PositionSide, entry: Decimal, amount: Decimal, price: D
 # --- the engine's day -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class OpenMark:
     """One open position valued at a price (None when there is no price: valued at entry)."""
 
@@ -486,7 +486,7 @@ def margin_in_use(marks: Iterable[OpenMark]) -> Decimal:
     return total
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class DayBaseline:
     """The engine's start-of-day figures (UTC day), persisted in the ledger's state."""
 

@@ -18,13 +18,13 @@ pass, and `_last_ema` / `_last_rsi`), and the average volume is the same bits as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from core.types import CandleSeries
+from core.values import value_type
 
 VOLUME_AVERAGE_BARS = 20
 
@@ -34,7 +34,7 @@ _FLOAT64 = np.dtype(np.float64)
 _PAIRWISE_BLOCK = 128
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class MomentumParams:
     ema_fast: int = 9
     ema_slow: int = 21
@@ -51,7 +51,7 @@ class MomentumParams:
         return max(self.ema_slow, self.rsi_period + 1, self.lookback + 1, VOLUME_AVERAGE_BARS) + 2
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class MomentumReading:
     enter: bool
     reason: str
@@ -60,7 +60,7 @@ class MomentumReading:
     close: float
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class NextBar:
     """The rule's work for a symbol's next candle, done one bar ahead (see `prepare`).
 

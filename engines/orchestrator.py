@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -47,7 +48,7 @@ from engines.futures import FuturesEngine
 from engines.reconcile import reconcile_engine
 from engines.spot import SpotEngine
 from engines.supervisor import SlotState, Supervisor
-from exchange.base import Exchange, MarketFeed, OrderRequest, quantize_down
+from exchange.base import Exchange, MarketFeed, OrderRequest, OrderUpdate, quantize_down
 from exchange.ccxt_client import CcxtExchange
 from exchange.feeds import LiveFeed, ReplayFeed, discover_replay_files, loopback_api_urls
 from exchange.markets import paper_markets
@@ -399,7 +400,10 @@ class Orchestrator:
                               send_timeout=self.settings.exchange_timeout_seconds,
                               unknown_grace_seconds=self.settings.order_unknown_grace_seconds)
         if isinstance(exchange, PaperExchange | PaperFuturesExchange):
-            exchange.on_fill = lambda update, om=orders: self._own(self._late_fill(om, update), "late-fill")
+            def on_fill(update: OrderUpdate, om: OrderManager = orders) -> None:
+                self._own(self._late_fill(om, update), "late-fill")
+
+            exchange.on_fill = on_fill
         self.parts[name] = EngineParts(name=name, exchange=exchange, orders=orders,
                                        context=None, trade_lock=asyncio.Lock())  # type: ignore[arg-type]
 
@@ -479,7 +483,7 @@ class Orchestrator:
             )
             part.orders.on_position_change = part.context.note_position_change
             cls = ENGINE_CLASSES[name]
-            self.supervisor.add(name, lambda cls=cls, ctx=part.context: cls(ctx))
+            self.supervisor.add(name, functools.partial(cls, part.context))
             self.supervisor.start(name)
         for name in ("spot", "futures"):
             if name not in self.parts:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from decimal import Decimal
 
 import structlog
@@ -33,6 +33,7 @@ import structlog
 from core.clock import Clock
 from core.errors import DependencyError, TemporaryError
 from core.types import CandleSeries, Ticker
+from core.values import value_type
 from engines.analysis import SIGNAL_TF, CandleCache
 
 log = structlog.get_logger("scanner")
@@ -43,7 +44,7 @@ SCAN_TIMEFRAME = SIGNAL_TF  # "1h"
 TickerSource = Callable[[], Awaitable[Sequence[Ticker]]]
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ScanParams:
     volume_factor: float = 1.5
     volume_bars: int = 20
@@ -56,7 +57,7 @@ class ScanParams:
         return max(self.volume_bars + 1, CHANGE_BARS + 1)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class SymbolStats:
     """What the rules read for one symbol. `change_source` says where the 24h change came from."""
 
@@ -67,7 +68,7 @@ class SymbolStats:
     change_source: str = "ticker"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Candidate:
     symbol: str
     score: float
@@ -75,7 +76,7 @@ class Candidate:
     change_pct: float
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ScanResult:
     """`passed` counts every symbol through both filters, before the top-N cut."""
 
@@ -154,7 +155,7 @@ def ticker_change_pct(ticker: Ticker | None) -> float | None:
     return float(change)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class CandleFigures:
     """What the 1h candles say, fixed until the next 1h bar: the volume rule's inputs and the 24h
     change from closes (None, with `change_problem`, when the candles cannot give it)."""

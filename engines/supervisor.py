@@ -10,6 +10,7 @@ supervisor, Telegram or the ledger.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -87,7 +88,7 @@ class Supervisor:
         slot.state = SlotState.RUNNING
         self.health.register(name)
         slot.task = self._spawn_task(name, engine)
-        slot.task.add_done_callback(lambda t, e=engine: self._on_task_done(name, e, t))
+        slot.task.add_done_callback(functools.partial(self._on_task_done, name, engine))
         self.bus.publish(EngineStarted(ts=self.clock.now(), engine=name, attempt=slot.attempt))
         log.info("engine spawned", engine=name, attempt=slot.attempt, task=f"engine:{name}")
 

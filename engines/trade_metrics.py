@@ -8,11 +8,12 @@ paid on it, so a trade that made 0.01 before fees and paid 0.02 is a loss here.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from decimal import Decimal, localcontext
 from typing import Any, Protocol
 
 from core.types import ZERO
+from core.values import value_type
 from storage.ledger import Ledger
 
 _PRECISION = 40
@@ -26,7 +27,7 @@ class TradeLike(Protocol):
     def realized_pnl(self) -> Decimal: ...
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Metrics:
     """`profit_factor` is gross profit / gross loss; None when there is no loss to divide by.
     `largest_loss` is the most negative trade P&L (zero when no trade lost)."""
@@ -56,7 +57,7 @@ class Metrics:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class MetricsReport:
     overall: Metrics
     by_symbol: dict[str, Metrics] = field(default_factory=dict)

@@ -7,7 +7,7 @@ All money is Decimal; every method that talks to a network has a timeout in its 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from typing import Protocol
 
@@ -23,9 +23,10 @@ from core.types import (
     Side,
     Ticker,
 )
+from core.values import value_type
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class OrderRequest:
     """What is sent to the exchange. `client_order_id` was written to the ledger before this exists."""
 
@@ -40,7 +41,7 @@ class OrderRequest:
     leverage: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class OrderUpdate:
     """The exchange's view of one order. `fills` are all executions known for it so far."""
 
@@ -58,7 +59,7 @@ class OrderUpdate:
     reduce_only: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ExchangePosition:
     """A futures position as the exchange reports it."""
 
@@ -72,7 +73,7 @@ class ExchangePosition:
     margin: Decimal
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Balance:
     """Per asset: free and total. For futures, `equity` is wallet balance plus unrealized P&L."""
 

@@ -13,7 +13,6 @@ import io
 import math
 import re
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,6 +23,7 @@ import structlog
 
 from core.errors import DependencyError
 from core.types import CandleSeries, FloatArray
+from core.values import value_type
 
 log = structlog.get_logger("feed")
 
@@ -49,7 +49,7 @@ def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return a
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class CandleArrays:
     """One symbol's candles of one timeframe, oldest first, strictly increasing open times.
 
@@ -133,7 +133,7 @@ def _adopt(
     )
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Rejections:
     """How many rows were dropped, by reason (a row counts once, under the first reason it hit)."""
 
@@ -351,7 +351,7 @@ def find_gaps(ts_ms: IntArray, interval_ms: int) -> list[tuple[int, int]]:
     return [(int(i), int(steps[i] // interval_ms) - 1) for i in where]
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Resampled:
     """A coarser timeframe built from base bars, plus when each bucket becomes known to be closed.
 

@@ -41,6 +41,7 @@ from core.events import (
     PositionOpened,
 )
 from core.types import Fill, Order, OrderIntent, OrderState, Position, PositionSide
+from core.values import value_type
 from exchange.base import Exchange, OrderRequest, OrderUpdate
 from exchange.errors import ClockSkew, RateLimited
 
@@ -130,7 +131,7 @@ class OrderStore(Protocol):
     async def next_sequence(self, name: str) -> int: ...
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@value_type
 class _Started:
     """An order whose row `submit` has begun to write: either in the store's intent log (`commit`:
     durable already, so send, then commit) or queued for the store (`inserting`: await it, then
@@ -141,7 +142,7 @@ class _Started:
     commit: Callable[[], Awaitable[None]] | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@value_type
 class _Inline:
     """An exchange call made in the caller's task (an exchange that `answers_inline`, see `_call_inline`):
     the exchange's answer, or what it raised, or, had it awaited after all, the rest of the call."""
@@ -210,7 +211,7 @@ def _start_commit(commit: Callable[[], Awaitable[None]]) -> None:
         commit()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@value_type
 class SubmitResult:
     """What happened to one intent. `order` is the ledger's row after the exchange answered (with a
     deferred record, what that row will say once `recorded` is done)."""

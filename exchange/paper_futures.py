@@ -46,6 +46,7 @@ import structlog
 from core.clock import Clock
 from core.errors import DependencyError, InsufficientFunds, OrderNotFound, OrderRejected
 from core.types import ZERO, Fill, MarketInfo, MarketType, OrderState, OrderType, PositionSide, Side, Ticker
+from core.values import value_type
 from exchange.base import (
     Balance,
     Exchange,
@@ -74,7 +75,7 @@ _QUANTUM = Decimal(1).scaleb(_QUANTUM_EXPONENT)
 _DISPLAY_PRECISION = 40
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class FundingPayment:
     """One funding settlement of one position. `amount` is signed from the account's view (negative:
     paid), `rate` is the funding rate as a fraction (0.0001 = 0.01 %), `ts` the funding time."""
@@ -157,7 +158,7 @@ class FuturesPosition:
         return -self.unrealized_pnl(price)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class FillEffect:
     """What one fill did: amount closed and opened, P&L realized (before the fee), margin moved."""
 

@@ -40,6 +40,7 @@ from core.events import (
     TradingStateChanged,
 )
 from core.types import Position, PositionSide, TradingState
+from core.values import value_type
 from monitoring.control import (
     BalanceReport,
     BreakerReport,
@@ -64,6 +65,10 @@ SendFn = Callable[[int, str], Awaitable[None]]
 def fmt_money(value: Decimal) -> str:
     """Balances and equity: two decimals and thousands separators, readable at a glance."""
     return f"{value:,.2f}"
+
+
+# An equity figure the risk monitor has not taken yet (right after a first start).
+NOT_YET = "not taken yet"
 
 
 def fmt_signed(value: Decimal) -> str:
@@ -282,9 +287,8 @@ def format_breaker(report: BreakerReport) -> str:
         lines.append(f"Reason: {report.reason}")
     if report.until is not None:
         lines.append(f"Until: {fmt_time(report.until)}")
-    lines.append(
-        f"Day-start equity {fmt_money(report.day_start_equity)} · peak {fmt_money(report.peak_equity)}"
-    )
+    day_start, peak = (NOT_YET if v is None else fmt_money(v) for v in (report.day_start_equity, report.peak_equity))
+    lines.append(f"Day-start equity {day_start} · peak {peak}")
     return "\n".join(lines)
 
 
@@ -345,7 +349,7 @@ def parse_hhmm(text: str) -> tuple[int, int] | None:
     return hour, minute
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class AlertSettings:
     """Which alerts go out. Fills and closes can be noisy, so each can be switched off; the
     operational ones (stalls, restarts, breaker, kill) cannot."""

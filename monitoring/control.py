@@ -6,16 +6,17 @@ this page. Every mutating call names who asked (`by`), so the journal records it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from decimal import Decimal
 from typing import Protocol
 
 from core.types import Position, TradingState
+from core.values import value_type
 
 ENGINE_TARGETS = ("spot", "futures", "all")
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class EngineStatus:
     name: str
     state: str  # running | paused | restarting | failed | stopped | disabled
@@ -28,7 +29,7 @@ class EngineStatus:
     unrealized_pnl: Decimal
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class StatusReport:
     mode: str
     trading_state: TradingState
@@ -40,16 +41,16 @@ class StatusReport:
     uptime_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class BreakerReport:
     state: TradingState
     reason: str
     until: float | None
-    day_start_equity: Decimal
-    peak_equity: Decimal
+    day_start_equity: Decimal | None  # None until the risk monitor has seen its first equity
+    peak_equity: Decimal | None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class DailyPnl:
     day: str  # YYYY-MM-DD (UTC)
     engine: str
@@ -57,7 +58,7 @@ class DailyPnl:
     trades: int
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class TradeRecord:
     ts: float
     engine: str
@@ -69,7 +70,7 @@ class TradeRecord:
     realized_pnl: Decimal | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class BalanceReport:
     engine: str
     free: dict[str, Decimal] = field(default_factory=dict)
@@ -77,7 +78,7 @@ class BalanceReport:
     equity: Decimal = Decimal(0)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class CommandResult:
     ok: bool
     message: str

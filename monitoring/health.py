@@ -8,10 +8,10 @@ fake a stall nor hide one.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from enum import StrEnum
 
 from core.clock import Clock
+from core.values import value_type
 
 
 class Verdict(StrEnum):
@@ -74,7 +74,7 @@ class HealthMonitor:
         return list(self._beats)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RestartDecision:
     """`attempt` is the number of restarts inside the window including this one; `backoff` is how
     long to wait before starting the engine again (0 when not allowed: it will not be started)."""

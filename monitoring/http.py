@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from core.clock import Clock, LiveClock
+from core.values import value_type
 from monitoring.control import Control, StatusReport
 from monitoring.metrics import CONTENT_TYPE, Metrics
 
@@ -30,7 +30,7 @@ log = structlog.get_logger("http")
 HEALTHY_STATES = frozenset({"running", "paused"})
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Health:
     healthy: bool
     body: dict[str, Any]

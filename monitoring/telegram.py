@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -35,6 +34,7 @@ from telegram.ext import (
 
 from core.clock import Clock
 from core.events import CommandReceived, EventBus
+from core.values import value_type
 from monitoring.alerts import (
     TELEGRAM_MAX_CHARS,
     format_balances,
@@ -78,7 +78,7 @@ USAGE = {name: f"Usage: {usage} — {desc}" for name, usage, desc in COMMANDS}
 HandlerFn = Callable[[int, int, list[str]], Awaitable[str | None]]
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class _PendingKill:
     chat_id: int
     user_id: int

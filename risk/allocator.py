@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Context, Decimal
 
 from core.errors import ConfigError
 from core.types import ZERO
+from core.values import value_type
 
 HUNDRED = Decimal(100)
 
@@ -26,7 +26,7 @@ HUNDRED = Decimal(100)
 _FLOOR = Context(prec=34, rounding=ROUND_FLOOR)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Reservation:
     """Notional set aside for one intent until its order fills or is cancelled."""
 

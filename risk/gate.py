@@ -11,10 +11,10 @@ engine or a tripped breaker can always still close positions.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from decimal import Decimal
 
 from core.types import OrderIntent, TradingState
+from core.values import value_type
 from risk.allocator import CapitalAllocator, Reservation
 from risk.monitor import GlobalRiskMonitor
 
@@ -22,13 +22,13 @@ _HALTED = TradingState.HALTED
 _REDUCING = TradingState.REDUCING
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class EngineLimits:
     max_positions: int
     max_leverage: int = 1
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class GateDecision:
     """`reservation` is set only for an allowed entry; the caller releases it on fill or cancel."""
 

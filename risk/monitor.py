@@ -19,6 +19,7 @@ from typing import Any
 from config import Settings
 from core.clock import start_of_utc_day
 from core.types import ZERO, TradingState
+from core.values import value_type
 
 HUNDRED = Decimal(100)
 
@@ -28,7 +29,7 @@ TRIP_KILL_SWITCH = "kill_switch"
 TRIP_MANUAL = "manual"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RiskLimits:
     max_daily_loss_pct: Decimal
     max_drawdown_pct: Decimal
@@ -102,7 +103,7 @@ class RiskState:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Transition:
     """A change the caller must publish (TradingStateChanged) and persist.
 

@@ -36,9 +36,10 @@ import mmap
 import os
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from core.values import value_type
 
 MAGIC = b"KEI1"
 _HEADER = struct.Struct("<4sIIQ")  # magic, crc32 of the payload (from seq), payload length, seq
@@ -48,7 +49,7 @@ MAX_PAYLOAD = SLOT_SIZE - _HEADER.size
 _ZERO_MAGIC = b"\0" * len(MAGIC)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class LoggedRow:
     """A record found at open: its sequence number and the row it holds, by column name (the names
     travel with each record, so a row logged by an older version of the program still lands in the

@@ -47,6 +47,7 @@ import structlog
 from core.clock import DAY_SECONDS, Clock, start_of_utc_day, utc_datetime
 from core.errors import InvariantError
 from core.types import ZERO, Fill, MarketType, Order, OrderState, OrderType, Position, PositionSide, Side
+from core.values import value_type
 from storage.intent_log import IntentLog, LoggedRow, UnknownIntentLog
 from storage.schema import file_version, migrate, refuse_newer
 
@@ -74,7 +75,7 @@ UNSET = _Unset.UNSET
 """Default of `update_position`'s levels: leave as is (None clears a level)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ClosedTrade:
     """A position from open to flat. `realized_pnl` is net of every fee paid on it; `amount` is the
     total amount exited, `entry_price`/`exit_price` the amount-weighted averages of its fills."""
@@ -94,7 +95,7 @@ class ClosedTrade:
     close_order_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class FillResult:
     """What one fill did. `new` is False for a fill already recorded (then nothing changed).
     `realized_pnl` is this fill's share: gross on a partial reduction, net of the position's
@@ -385,7 +386,7 @@ def _trade_from(row: sqlite3.Row) -> ClosedTrade:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class _Mirror:
     """Committed open positions and in-play orders. Built on the ledger thread and replaced whole,
     never changed in place: the loop thread reads whichever one is current without a lock, and hands

@@ -475,3 +475,17 @@ async def test_telegram_down_never_slows_the_publisher_or_the_loop(
     assert max(gaps) < 0.2, f"loop stalled for {max(gaps):.3f}s"
     assert sender.lines_sent == 0
     assert sender.dropped == 300  # every event accounted for: queue overflow plus failed deliveries
+
+
+def test_breaker_report_before_the_first_equity_reads_not_taken_yet() -> None:
+    """Right after a first start the risk monitor has no day-start or peak equity yet: /breaker must
+    still answer (it used to fail formatting None), and say so instead of showing a number."""
+    from monitoring.alerts import format_breaker
+    from monitoring.control import BreakerReport
+
+    early = format_breaker(BreakerReport(TradingState.ACTIVE, "", None, None, None))
+    assert "Day-start equity not taken yet · peak not taken yet" in early
+    later = format_breaker(BreakerReport(TradingState.REDUCING, "drawdown 12% >= 10%", None,
+                                         Decimal("10500"), Decimal("12000.5")))
+    assert "Day-start equity 10,500.00 · peak 12,000.50" in later
+    assert "drawdown 12% >= 10%" in later
