@@ -13,7 +13,11 @@ value's field does not pass CI. `dataclasses.replace` is the way to a changed co
 
 What stays as with `frozen=True, slots=True`: equality by fields, a hash from the fields (so values
 can be dict keys and set members, and one holding a list is unhashable), `__slots__`, `replace`,
-`fields`, `asdict`, keyword-only fields on request.
+`fields`, `asdict`, keyword-only fields on request. What goes: `del value.field` raising (mypy does
+not flag it either, and a `__delattr__` of our own would take the fast assignment away again, since
+CPython routes setting and deleting through one slot; the suite checks that the program deletes no
+attribute anywhere), and pickling with the ancient protocols 0 and 1. Subclass a value type only with
+`value_type`: a frozen dataclass cannot inherit from it, and mypy would not say so.
 """
 
 from __future__ import annotations

@@ -62,10 +62,16 @@ def base36(n: int) -> str:
             return out
 
 
-def make_client_order_id(engine: str, boot: int, seq: int) -> str:
+def client_order_id_prefix(engine: str, boot: int) -> str:
+    """What every client order id of one order manager starts with (see `make_client_order_id`)."""
+    return f"ke{engine[:1]}{base36(boot)}-"
+
+
+def make_client_order_id(engine: str, boot: int, seq: int, prefix: str | None = None) -> str:
     """`ke<engine initial><boot>-<seq>`: unique across restarts (persistent sequence, boot stamp) and
-    valid for Binance (`^[.A-Z:/a-z0-9_-]{1,36}$`)."""
-    cid = f"ke{engine[:1]}{base36(boot)}-{base36(seq)}"
+    valid for Binance (`^[.A-Z:/a-z0-9_-]{1,36}$`). `prefix`: `client_order_id_prefix(engine, boot)`,
+    when the caller keeps it (the order manager does: the boot stamp is fixed for its life)."""
+    cid = (client_order_id_prefix(engine, boot) if prefix is None else prefix) + base36(seq)
     if len(cid) > 36:
         raise ValueError(f"client order id too long: {cid}")
     return cid
@@ -257,6 +263,7 @@ class OrderManager:
         # Seconds since epoch at start-up, with the pid folded in: two processes on one ledger would
         # still never share an id, and the persistent sequence makes ids unique within one boot.
         self._boot = boot_stamp if boot_stamp is not None else int(clock.now()) * 64 + os.getpid() % 64
+        self._cid_prefix = client_order_id_prefix(engine, self._boot)
         self.on_position_change: Callable[[str], None] | None = None
         # Called while waiting on the exchange (resolving an unknown order), so an engine that is
         # patiently resolving is not mistaken for a stalled one.
@@ -284,7 +291,7 @@ class OrderManager:
     def _take_id(self) -> str:
         seq = self._seq_next
         self._seq_next += 1
-        return make_client_order_id(self.engine, self._boot, seq)
+        return make_client_order_id(self.engine, self._boot, seq, self._cid_prefix)
 
     async def submit(self, intent: OrderIntent) -> SubmitResult:
         """Write the order, send it once, record what came back. Never raises for one order's trouble:
