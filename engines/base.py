@@ -286,8 +286,7 @@ class BaseEngine:
         if intent.reduce_only:
             # The position may have changed while waiting for the lock (a stop filled, a flatten ran):
             # never sell more than the ledger says is held, and nothing when it is gone.
-            held = next((p for p in await self.ctx.ledger.positions(self.ctx.name) if p.symbol == intent.symbol),
-                        None)
+            held = await self.ctx.ledger.position(self.ctx.name, intent.symbol)
             if held is None or held.side.exit_side is not intent.side:
                 self.log.info("reduce-only order dropped: no position to reduce", symbol=intent.symbol)
                 await self.refresh_positions()

@@ -1282,6 +1282,12 @@ class Ledger:
         held = self._live_mirror().positions
         return [_copy_position(held[key]) for key in sorted(held) if engine is None or key[0] == engine]
 
+    async def position(self, engine: str, symbol: str) -> Position | None:
+        """One engine's open position in a symbol, from memory: what an exit reads under the trade lock
+        before it sells, without copying the engine's other positions."""
+        held = self._live_mirror().positions.get((engine, symbol))
+        return None if held is None else _copy_position(held)
+
     async def update_position(
         self,
         engine: str,

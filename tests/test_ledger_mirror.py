@@ -117,6 +117,7 @@ class Snapshot:
 
     positions: list[Position]
     by_engine: dict[str, list[Position]]
+    one: dict[tuple[str, str], Position | None]  # Ledger.position(engine, symbol), held or not
     in_play: dict[tuple[tuple[OrderState, ...], str | None], list[Order]]
     orders: dict[str, Order | None]
 
@@ -125,6 +126,7 @@ async def mirror_snapshot(ledger: Ledger, cids: Iterable[str]) -> Snapshot:
     return Snapshot(
         positions=await ledger.positions(),
         by_engine={e: await ledger.positions(e) for e in ENGINES},
+        one={(e, sym): await ledger.position(e, sym) for e in ENGINES for sym in SYMBOLS},
         in_play={(tuple(s), e): await ledger.orders_in_states(s, e)
                  for s in IN_PLAY_SUBSETS for e in (None, *ENGINES)},
         orders={cid: await ledger.get_order(cid) for cid in cids},
@@ -135,6 +137,8 @@ def truth_snapshot(truth: Truth, cids: Iterable[str]) -> Snapshot:
     return Snapshot(
         positions=truth.positions(),
         by_engine={e: truth.positions(e) for e in ENGINES},
+        one={(e, sym): next((p for p in truth.positions(e) if p.symbol == sym), None)
+             for e in ENGINES for sym in SYMBOLS},
         in_play={(tuple(s), e): truth.orders(s, e) for s in IN_PLAY_SUBSETS for e in (None, *ENGINES)},
         orders={cid: truth.order(cid) for cid in cids},
     )
@@ -146,6 +150,7 @@ async def assert_mirror_is_the_file(ledger: Ledger, truth: Truth, cids: Iterable
     mine, theirs = await mirror_snapshot(ledger, wanted), truth_snapshot(truth, wanted)
     assert mine.positions == theirs.positions, where
     assert mine.by_engine == theirs.by_engine, where
+    assert mine.one == theirs.one, where
     for key, listed in theirs.in_play.items():
         assert mine.in_play[key] == listed, f"{where} orders_in_states{key}"
     for cid, order in theirs.orders.items():
@@ -478,7 +483,10 @@ async def test_reads_hand_out_copies(ledger: Ledger) -> None:
     order_before = await ledger.get_order("b1")
     assert order_before is not None and order_before.state is OrderState.PARTIALLY_FILLED
 
-    for got in (await ledger.positions(), await ledger.positions("spot")):
+    single = await ledger.position("spot", "BTC/USDT")
+    assert single == position_before
+    for got in (await ledger.positions(), await ledger.positions("spot"), [single]):
+        assert got[0] is not None
         got[0].amount = D("999")
         got[0].stop_loss = D("1")
         got[0].meta["x"] = "changed"
@@ -489,6 +497,7 @@ async def test_reads_hand_out_copies(ledger: Ledger) -> None:
         got_order.filled = D("999")
 
     assert (await ledger.positions())[0] == position_before
+    assert await ledger.position("spot", "BTC/USDT") == position_before
     assert (await ledger.positions("spot"))[0].meta == {"x": "kept"}
     assert await ledger.get_order("b1") == order_before
     assert await ledger.orders_in_states([OrderState.PARTIALLY_FILLED]) == [order_before]

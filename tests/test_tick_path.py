@@ -110,7 +110,7 @@ async def test_a_take_profit_asks_the_ledger_only_what_it_needs(rig: Rig) -> Non
     stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
     rig.engine._seen_changes = rig.ctx.position_changes  # as the running loop has it: nothing to reload
     calls: Counter[str] = Counter()
-    for name in ("get_order", "orders_in_states", "positions", "insert_order", "log_order", "update_order"):
+    for name in ("get_order", "orders_in_states", "positions", "position", "insert_order", "log_order", "update_order"):
         inner = getattr(rig.ledger, name)
 
         def counted(*args: Any, _inner: Any = inner, _name: str = name, **kwargs: Any) -> Any:
@@ -137,7 +137,7 @@ async def test_a_take_profit_asks_the_ledger_only_what_it_needs(rig: Rig) -> Non
     # intent log: the sell does not wait for its commit). The cancel's record is deferred (see
     # `BaseEngine.cancel_stop`), and the paper exchange answers inline, so the sell goes out before the
     # record's task has even run; the record is there afterwards (the CANCELED state above).
-    assert before_sell == Counter(orders_in_states=1, positions=1, log_order=1)
+    assert before_sell == Counter(orders_in_states=1, position=1, log_order=1)
     assert calls["update_order"] >= 1
 
 
