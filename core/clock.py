@@ -11,9 +11,11 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
+
+from core.coroutines import CarryOn, first_step, is_unstarted
 
 T = TypeVar("T")
 
@@ -54,9 +56,20 @@ class LiveClock:
         await asyncio.sleep(max(0.0, seconds))
 
     async def wait_for(self, aw: Awaitable[T], timeout: float) -> T:
-        # asyncio.timeout instead of asyncio.wait_for: on 3.11 the latter wraps every call in a task,
-        # a measurable cost on the order path.
-        async with asyncio.timeout(timeout):
+        """`aw`'s result, or TimeoutError once `timeout` seconds have passed while it was suspended.
+
+        A coroutine is run up to its first suspension before any timer exists (as `await` would run
+        it): one that answers at once, as the paper exchanges do, never needs the timeout scope, which
+        costs about 3.3 us. The deadline is still counted from the call. asyncio.timeout rather than
+        asyncio.wait_for, which on 3.11 wraps every call in a task of its own."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if is_unstarted(aw):
+            step = first_step(cast(Coroutine[Any, Any, T], aw))
+            if not isinstance(step, CarryOn):
+                return step
+            aw = step
+        async with asyncio.timeout_at(deadline):
             return await aw
 
 

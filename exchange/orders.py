@@ -16,13 +16,14 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 
 from core.clock import Clock
+from core.coroutines import CarryOn, first_step, is_unstarted
 from core.errors import (
     DependencyError,
     InsufficientFunds,
@@ -164,50 +165,14 @@ def _call_inline(call: Callable[[], Awaitable[OrderUpdate]]) -> _Inline:
     awaited. Anything else than a coroutine (an exchange wrapped by a test) is left to be awaited."""
     try:
         started = call()
-        if not asyncio.iscoroutine(started):
+        if not is_unstarted(started):
             return _Inline(rest=started)
-        try:
-            yielded = started.send(None)
-        except StopIteration as done:
-            return _Inline(update=done.value)
-        return _Inline(rest=_CarryOn(started, yielded))
+        step = first_step(cast(Coroutine[Any, Any, OrderUpdate], started))
+        if isinstance(step, CarryOn):
+            return _Inline(rest=step)
+        return _Inline(update=step)
     except BaseException as exc:  # raised again by _answer, in the task, after the row's commit
         return _Inline(error=exc)
-
-
-class _CarryOn:
-    """The rest of a coroutine that `submit` stepped itself and that suspended where it yielded
-    `yielded`: awaited in the order manager's task, it is what `yield from coro` would have been from
-    that point on. The first resume hands the loop what the coroutine yielded; later ones send the
-    loop's answers in; a cancellation or timeout is thrown into the coroutine, and closing closes it.
-    (A class rather than a generator, so that what the coroutine raises while handling a thrown
-    exception is not chained to it, as with `yield from`.)"""
-
-    def __init__(self, coro: Coroutine[Any, Any, OrderUpdate], yielded: Any) -> None:
-        self._coro = coro
-        self._pending: list[Any] = [yielded]
-
-    def __await__(self) -> Generator[Any, Any, OrderUpdate]:
-        return self  # an iterator with send/throw/close, as a generator is
-
-    def __iter__(self) -> _CarryOn:
-        return self
-
-    def __next__(self) -> Any:
-        return self.send(None)
-
-    def send(self, value: Any) -> Any:
-        if self._pending:
-            return self._pending.pop()
-        return self._coro.send(value)
-
-    def throw(self, *exc: Any) -> Any:
-        self._pending.clear()
-        return self._coro.throw(*exc)
-
-    def close(self) -> None:
-        self._pending.clear()
-        self._coro.close()
 
 
 def _start_commit(commit: Callable[[], Awaitable[None]]) -> None:
