@@ -64,10 +64,17 @@ class LiveClock:
         asyncio.wait_for, which on 3.11 wraps every call in a task of its own."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if is_unstarted(aw):
+        task = asyncio.current_task()
+        if task is not None and is_unstarted(aw):  # (outside a task, timeout_at refuses before any step)
+            cancels = task.cancelling()
             step = first_step(cast(Coroutine[Any, Any, T], aw))
             if not isinstance(step, CarryOn):
                 return step
+            if task.cancelling() != cancels:
+                # The first step asked to cancel this very task: the request is delivered at the first
+                # suspension, just ahead. A timeout scope opened now would count it as its own and
+                # could report TimeoutError for it, where the scope the old way was opened before.
+                return await step
             aw = step
         async with asyncio.timeout_at(deadline):
             return await aw

@@ -182,3 +182,68 @@ async def test_only_unstarted_native_coroutines_are_stepped_by_hand() -> None:
     async with asyncio.timeout(BOUND):
         assert await rest == 2
     assert not is_unstarted(fresh)  # finished
+
+
+async def test_a_first_step_that_cancels_its_own_caller_ends_in_cancellation_not_timeout() -> None:
+    """Compared with `asyncio.timeout` around `await`: a call whose first step cancels the task that
+    made it (a shutdown path might) ends that task with CancelledError, even when the deadline passes
+    too; never a TimeoutError that a caller's `except TimeoutError` would swallow."""
+
+    def make(outcome: list[str]) -> Any:
+        async def cancels_caller_then_waits() -> None:
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            end = time.perf_counter() + 0.02
+            while time.perf_counter() < end:  # past the deadline before the first await
+                pass
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                outcome.append("cancelled inside")
+                raise
+        return cancels_caller_then_waits
+
+    async def with_reference(outcome: list[str]) -> None:
+        async with asyncio.timeout(0.01):
+            await make(outcome)()
+
+    async def with_clock(outcome: list[str]) -> None:
+        await LiveClock().wait_for(make(outcome)(), 0.01)
+
+    for caller in (with_reference, with_clock):
+        outcome: list[str] = []
+        async with asyncio.timeout(BOUND):
+            task = asyncio.create_task(caller(outcome))
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert task.cancelled(), caller.__name__
+        assert outcome == ["cancelled inside"], caller.__name__
+
+
+async def test_outside_a_task_nothing_runs_before_the_refusal() -> None:
+    """As with `asyncio.timeout`: no task, no timeout scope, and the call is not started."""
+    ran: list[str] = []
+
+    async def call() -> None:
+        ran.append("ran")
+
+    loop = asyncio.get_running_loop()
+    outside: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def from_a_callback() -> None:
+        inner = call()
+        coro = LiveClock().wait_for(inner, 1.0)
+        try:
+            coro.send(None)
+        except BaseException as exc:  # the refusal, raised outside any task
+            outside.set_result(exc)
+        else:
+            outside.set_result(None)
+        finally:
+            coro.close()
+            inner.close()  # never started, as under asyncio.timeout
+
+    loop.call_soon(from_a_callback)
+    async with asyncio.timeout(BOUND):
+        refusal = await outside
+    assert isinstance(refusal, RuntimeError)
+    assert ran == []
