@@ -1,8 +1,10 @@
 """A version counter that many consumers can wait on, on the project's clock.
 
-Engines share one feed; each remembers the last version it saw and waits for a newer one. An event
-that is replaced on every bump wakes every waiter at once without any of them consuming the
-notification from the others.
+Engines share one feed; each remembers the last version it saw and waits for a newer one. Every
+waiter has a future of its own, and a bump resolves them all, so each wakes without consuming the
+notification from the others, and a waiter's timeout cancels only its own future. (A bare future
+rather than an `asyncio.Event` replaced on every bump: the event's `wait()` is one more coroutine to
+step on the way from a price update to the engine.)
 
 Listeners are for the exchange side of a paper venue: they run inside `bump()`, before any waiter
 wakes, as a real venue's matching engine settles resting orders on a price before its clients see
@@ -24,7 +26,7 @@ class UpdateSignal:
         self._clock = clock
         self._version = 0
         self._wakes = 0
-        self._event = asyncio.Event()
+        self._waiters: set[asyncio.Future[None]] = set()
         self._listeners: list[Callable[[], None]] = []
         self._notifying = False
 
@@ -67,21 +69,28 @@ class UpdateSignal:
         self._release()
 
     def _release(self) -> None:
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():  # (one whose timeout cancelled it is done already)
+                waiter.set_result(None)
 
     async def wait(self, after: int, timeout: float) -> int:
         """The current version as soon as it is past `after`; the unchanged version on timeout or wake."""
         deadline = self._clock.monotonic() + timeout
         wakes = self._wakes
+        loop = asyncio.get_running_loop()
         while self._version <= after and self._wakes == wakes:
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
                 break
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(waiter)
             try:
-                await self._clock.wait_for(self._event.wait(), remaining)
+                await self._clock.wait_for(waiter, remaining)
             except TimeoutError:
                 break
+            finally:
+                self._waiters.discard(waiter)
         return self._version
 
 

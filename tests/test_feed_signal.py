@@ -90,3 +90,40 @@ async def test_task_failure_names_only_an_error_that_ended_the_task() -> None:
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     assert task_failure(running) is None
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["sim-clock", "live-clock"])
+async def test_every_waiter_wakes_once_per_bump_and_a_timeout_touches_only_its_own(live: bool) -> None:
+    """Two engines wait on one feed: a bump wakes both with the new version; one's timeout, or its
+    cancellation, neither wakes nor cancels the other; nothing is left registered afterwards."""
+    from core.clock import LiveClock
+
+    clock = LiveClock() if live else SimClock()
+    signal = UpdateSignal(clock)
+    async with asyncio.timeout(5):
+        first = asyncio.ensure_future(signal.wait(0, 60))
+        second = asyncio.ensure_future(signal.wait(0, 60))
+        await settle()
+        assert signal.bump() == 1
+        assert await first == 1 and await second == 1
+
+        patient = asyncio.ensure_future(signal.wait(1, 60))
+        hasty = asyncio.ensure_future(signal.wait(1, 0.02))
+        doomed = asyncio.ensure_future(signal.wait(1, 60))
+        await settle()
+        if live:
+            assert await hasty == 1  # timed out: the version it had
+        else:
+            await clock.advance(0.05)  # type: ignore[union-attr]
+            assert hasty.done() and hasty.result() == 1
+        doomed.cancel()
+        await settle()
+        assert doomed.cancelled() and not patient.done()
+        signal.bump()
+        assert await patient == 2
+        assert await signal.wait(0, 60) == 2  # already past: no wait at all
+        late = asyncio.ensure_future(signal.wait(2, 60))
+        await settle()
+        signal.wake()  # no new version, but waiters are released (a replay ran out)
+        assert await late == 2
+    assert signal._waiters == set()
