@@ -162,7 +162,8 @@ class _Inline:
 def _call_inline(call: Callable[[], Awaitable[OrderUpdate]]) -> _Inline:
     """Make the exchange call here, up to its answer or its first await. Whatever it raises is kept
     for `OrderManager._answer` to raise again, so it is handled where the call would have been
-    awaited. Anything else than a coroutine (an exchange wrapped by a test) is left to be awaited."""
+    awaited. Anything but a native coroutine not yet started (an exchange wrapped by a test, say) is
+    left to be awaited in the task, under the send timeout."""
     try:
         started = call()
         if not is_unstarted(started):
