@@ -50,6 +50,11 @@ class MomentumParams:
         """Bars needed before the rule can say anything (slow EMA seed plus a margin for RSI)."""
         return max(self.ema_slow, self.rsi_period + 1, self.lookback + 1, VOLUME_AVERAGE_BARS) + 2
 
+    @property
+    def window(self) -> int:
+        """The closes a reading computes its indicators over (the newest ones): what a caller fetches."""
+        return max(self.warmup_bars * 4, 100)
+
 
 @value_type
 class MomentumReading:
@@ -82,7 +87,7 @@ class NextBar:
 def evaluate(candles: CandleSeries, p: MomentumParams, ahead: NextBar | None = None) -> MomentumReading:
     """Read the newest closed candle. Not enough or non-finite data is a 'no', with the reason.
 
-    The EMAs and the RSI are those of `engines.indicators` over the last `window` closes, computed
+    The EMAs and the RSI are those of `engines.indicators` over the last `p.window` closes, computed
     for the newest bar only (see `_last_indicators`). For windows of up to 256 bars (every
     configuration with warmup_bars <= 64) they are bit-identical to `ema(close, p)[-1]` and
     `rsi(close, p)[-1]`. For longer windows that module switches to a blocked algorithm that rounds
@@ -101,8 +106,7 @@ def evaluate(candles: CandleSeries, p: MomentumParams, ahead: NextBar | None = N
     warmup = p.warmup_bars
     if n < warmup:
         return MomentumReading(False, f"warming up ({n}/{warmup} bars)", math.nan, math.nan, math.nan)
-    window = max(warmup * 4, 100)
-    close = _floats(candles.close[-window:])
+    close = _floats(candles.close[-p.window:])
     volume = _floats(candles.volume[-VOLUME_AVERAGE_BARS - 1 :])
     if (
         ahead is not None
@@ -157,8 +161,7 @@ def prepare(candles: CandleSeries, p: MomentumParams) -> NextBar | None:
         return None  # (as `evaluate` answers 'warming up' before it looks at the periods)
     if p.ema_fast < 1 or p.ema_slow < 1 or p.rsi_period < 1:
         _check_period(min(p.ema_fast, p.ema_slow, p.rsi_period))
-    window = max(warmup * 4, 100)
-    closes = _floats(candles.close[-(window - 1) :])
+    closes = _floats(candles.close[-(p.window - 1) :])
     if max(p.ema_fast, p.ema_slow, p.rsi_period + 1) > len(closes):
         return None
     volumes = _floats(candles.volume[-VOLUME_AVERAGE_BARS:])
@@ -315,8 +318,7 @@ def _last_indicators(values: list[float], fast: int, slow: int, period: int) -> 
     less than three (each bar is read once and the interpreter's loop overhead is paid once)."""
     if fast < 1 or slow < 1 or period < 1:
         _check_period(min(fast, slow, period))
-    if max(fast, slow, period + 1) >= len(values):  # a window too short for some recursion (never
-        # with evaluate's warm-up)
+    if max(fast, slow, period + 1) >= len(values):  # too short for some recursion (never after warm-up)
         return _last_ema(values, fast), _last_ema(values, slow), _last_rsi(values, period)
     return _finish_indicators(_indicator_state(values, fast, slow, period), values, fast, slow, period)
 

@@ -73,11 +73,6 @@ class SpotEngine(BaseEngine):
         self._stop_backoff: dict[str, float] = {}
 
     @property
-    def _window(self) -> int:
-        """The candles the momentum rule reads (its window; see `engines.momentum.evaluate`)."""
-        return max(self.params.warmup_bars * 4, 100)
-
-    @property
     def wait_seconds(self) -> float:
         return self.ctx.settings.spot_monitor_interval_seconds
 
@@ -119,7 +114,7 @@ class SpotEngine(BaseEngine):
         (`engines.momentum.prepare`). Every symbol, held or not, so the first bar after an exit finds
         it done; once per new candle, a check of the newest candle's time otherwise."""
         for symbol in self.symbols:
-            candles = self.ctx.feed.candles(symbol, self.timeframe, limit=self._window)
+            candles = self.ctx.feed.candles(symbol, self.timeframe, limit=self.params.window)
             if candles is None or len(candles) == 0:
                 continue
             newest = float(candles.ts[-1])
@@ -213,7 +208,7 @@ class SpotEngine(BaseEngine):
         return now - self._last_scan_at.get(symbol, float("-inf")) >= self.scan_interval
 
     async def consider_entry(self, symbol: str, ticker: Ticker | None) -> None:
-        candles = self.ctx.feed.candles(symbol, self.timeframe, limit=self._window)
+        candles = self.ctx.feed.candles(symbol, self.timeframe, limit=self.params.window)
         if candles is None or len(candles) == 0:
             return
         newest = float(candles.ts[-1])
