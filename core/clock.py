@@ -11,11 +11,11 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar, cast
+from typing import Protocol, TypeVar
 
-from core.coroutines import CarryOn, first_step, is_unstarted
+from core.coroutines import Done, first_step
 
 T = TypeVar("T")
 
@@ -65,11 +65,11 @@ class LiveClock:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         task = asyncio.current_task()
-        if task is not None and is_unstarted(aw):  # (outside a task, timeout_at refuses before any step)
+        if task is not None:  # (outside a task, timeout_at refuses before any step)
             cancels = task.cancelling()
-            step = first_step(cast(Coroutine[Any, Any, T], aw))
-            if not isinstance(step, CarryOn):
-                return step
+            step = first_step(aw)
+            if isinstance(step, Done):
+                return step.value
             if task.cancelling() != cancels:
                 # The first step asked to cancel this very task: the request is delivered at the first
                 # suspension, just ahead. A timeout scope opened now would count it as its own and

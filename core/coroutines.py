@@ -5,14 +5,16 @@ program's calls never get that far (the paper exchanges answer without awaiting 
 such a call in machinery that only matters once it suspends costs time on the order path: a timeout
 scope is about 3.3 us here, a task of its own a turn of the event loop. So a caller may step the
 coroutine itself (`first_step`) and pay for that machinery only when it did suspend, awaiting
-`CarryOn` for the rest, which behaves exactly as the `await` it replaces would have from that point.
+the `CarryOn` it returns for the rest, which behaves exactly as the `await` it replaces would have from that point.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Coroutine, Generator
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Coroutine, Generator
+from typing import Any, Generic, TypeGuard, TypeVar
+
+from core.values import value_type
 
 T = TypeVar("T")
 
@@ -52,7 +54,14 @@ class CarryOn(Generic[T]):
         self._coro.close()
 
 
-def is_unstarted(aw: object) -> bool:
+@value_type
+class Done(Generic[T]):
+    """A call that finished in its first step, with its result (see `first_step`)."""
+
+    value: T
+
+
+def is_unstarted(aw: object) -> TypeGuard[Coroutine[Any, Any, Any]]:
     """A native coroutine that has not run yet, so `first_step` may run it: not one already suspended
     or running (stepping it would resume it out of turn), nor any other awaitable (a future, a task,
     an object with `__await__`), which is left to `await`."""
@@ -60,16 +69,18 @@ def is_unstarted(aw: object) -> bool:
             and not aw.cr_suspended)
 
 
-def first_step(coro: Coroutine[Any, Any, T]) -> T | CarryOn[T]:
-    """Run `coro` up to its first suspension, as awaiting it would: its result when it finished without
-    suspending, else a `CarryOn` to await (in the same task) for the rest. Whatever it raises on the
-    way propagates, as from `await`."""
+def first_step(aw: Awaitable[T]) -> Done[T] | Awaitable[T]:
+    """Run `aw` up to its first suspension, as awaiting it would: `Done` with its result when it
+    finished without suspending; else what to await (in the same task) for the rest, a `CarryOn`.
+    An awaitable that cannot be stepped by hand (see `is_unstarted`) comes back as it is, unrun.
+    Whatever the step raises propagates, as from `await`."""
+    if not is_unstarted(aw):
+        return aw
     try:
-        yielded = coro.send(None)
+        yielded = aw.send(None)
     except StopIteration as done:
-        result: T = done.value
-        return result
-    return CarryOn(coro, yielded)
+        return Done(done.value)
+    return CarryOn(aw, yielded)
 
 
-__all__ = ["CarryOn", "first_step", "is_unstarted"]
+__all__ = ["CarryOn", "Done", "first_step", "is_unstarted"]

@@ -16,14 +16,14 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from decimal import Decimal
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 import structlog
 
 from core.clock import Clock
-from core.coroutines import CarryOn, first_step, is_unstarted
+from core.coroutines import Done, first_step
 from core.errors import (
     DependencyError,
     InsufficientFunds,
@@ -165,15 +165,10 @@ def _call_inline(call: Callable[[], Awaitable[OrderUpdate]]) -> _Inline:
     awaited. Anything but a native coroutine not yet started (an exchange wrapped by a test, say) is
     left to be awaited in the task, under the send timeout."""
     try:
-        started = call()
-        if not is_unstarted(started):
-            return _Inline(rest=started)
-        step = first_step(cast(Coroutine[Any, Any, OrderUpdate], started))
-        if isinstance(step, CarryOn):
-            return _Inline(rest=step)
-        return _Inline(update=step)
+        step = first_step(call())
     except BaseException as exc:  # raised again by _answer, in the task, after the row's commit
         return _Inline(error=exc)
+    return _Inline(update=step.value) if isinstance(step, Done) else _Inline(rest=step)
 
 
 def _start_commit(commit: Callable[[], Awaitable[None]]) -> None:
