@@ -64,15 +64,15 @@ def base36(n: int) -> str:
 
 
 def client_order_id_prefix(engine: str, boot: int) -> str:
-    """What every client order id of one order manager starts with (see `make_client_order_id`)."""
+    """`ke<engine initial><boot>-`: what every client order id of one order manager starts with (the
+    boot stamp is fixed for its life, so it makes this once)."""
     return f"ke{engine[:1]}{base36(boot)}-"
 
 
-def make_client_order_id(engine: str, boot: int, seq: int, prefix: str | None = None) -> str:
-    """`ke<engine initial><boot>-<seq>`: unique across restarts (persistent sequence, boot stamp) and
-    valid for Binance (`^[.A-Z:/a-z0-9_-]{1,36}$`). `prefix`: `client_order_id_prefix(engine, boot)`,
-    when the caller keeps it (the order manager does: the boot stamp is fixed for its life)."""
-    cid = (client_order_id_prefix(engine, boot) if prefix is None else prefix) + base36(seq)
+def make_client_order_id(prefix: str, seq: int) -> str:
+    """`<prefix><seq>`: unique across restarts (persistent sequence, boot stamp in the prefix) and
+    valid for Binance (`^[.A-Z:/a-z0-9_-]{1,36}$`)."""
+    cid = prefix + base36(seq)
     if len(cid) > 36:
         raise ValueError(f"client order id too long: {cid}")
     return cid
@@ -252,7 +252,7 @@ class OrderManager:
     def _take_id(self) -> str:
         seq = self._seq_next
         self._seq_next += 1
-        return make_client_order_id(self.engine, self._boot, seq, self._cid_prefix)
+        return make_client_order_id(self._cid_prefix, seq)
 
     async def submit(self, intent: OrderIntent) -> SubmitResult:
         """Write the order, send it once, record what came back. Never raises for one order's trouble:
