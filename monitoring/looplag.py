@@ -6,9 +6,9 @@ outside the loop, posts a no-op callback into it and times how long the loop tak
 threshold it logs, once per episode, the stack of the loop's thread — the blocking call itself — so the
 journal shows the culprit before the watchdog restart, and logs the recovery when the loop turns again.
 
-This module is the one exception to the one-clock rule: it measures real elapsed time by nature (a
-simulated clock does not move while the loop is blocked), so it reads time.monotonic() and waits with
-threading.Event.wait(), and it never touches the loop's own clock.
+It measures real elapsed time by nature (a simulated clock does not move while the loop is blocked),
+so it takes a `LiveClock`, never any `Clock`, reads its `monotonic()` from its own thread, waits with
+threading.Event.wait(), and never touches the loop's own clock.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-import time
 import traceback
 
 import structlog
+
+from core.clock import LiveClock
 
 log = structlog.get_logger("looplag")
 
@@ -28,10 +29,12 @@ class LoopLagMonitor:
     """Measures event-loop latency from a daemon thread; `start()` / `stop()` from the loop's owner."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, threshold_seconds: float, check_seconds: float
+        self, loop: asyncio.AbstractEventLoop, threshold_seconds: float, check_seconds: float,
+        clock: LiveClock | None = None,
     ) -> None:
         if threshold_seconds <= 0 or check_seconds <= 0:
             raise ValueError("threshold_seconds and check_seconds must be positive")
+        self._clock = clock if clock is not None else LiveClock()
         self._loop = loop
         self._threshold = threshold_seconds
         self._check = check_seconds
@@ -69,7 +72,7 @@ class LoopLagMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             turned = threading.Event()
-            posted = time.monotonic()
+            posted = self._clock.monotonic()
             try:
                 self._loop.call_soon_threadsafe(self._mark, turned)
             except RuntimeError:
@@ -79,7 +82,7 @@ class LoopLagMonitor:
                 while not turned.wait(min(self._check, self._threshold)):
                     if self._stop.is_set():
                         return
-            lag = time.monotonic() - posted
+            lag = self._clock.monotonic() - posted
             self.last_lag = lag
             self.max_lag = max(self.max_lag, lag)
             if self.stalled:
@@ -97,7 +100,7 @@ class LoopLagMonitor:
         stack, where = self._loop_stack()
         log.error(
             "event loop blocked",
-            blocked_seconds=round(time.monotonic() - posted, 3),
+            blocked_seconds=round(self._clock.monotonic() - posted, 3),
             threshold_seconds=self._threshold,
             blocked_in=where,
             stack=stack,
