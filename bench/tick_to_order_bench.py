@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import struct
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -59,6 +60,7 @@ from config import load_settings
 from core.clock import LiveClock
 from core.events import Event, EventBus, Subscription
 from core.types import CandleSeries, MarketType, OrderType, Side, Ticker
+from engines import momentum
 from engines.base import EngineContext
 from engines.momentum import evaluate
 from engines.spot import SpotEngine
@@ -356,15 +358,23 @@ async def journal_writer(ledger: Ledger, sub: Subscription) -> None:
         await ledger.journal_many([(e.kind, e.as_dict(), e.ts) for e in batch])
 
 
-def looked_ahead_fits(engine: SpotEngine, upcoming: CandleSeries) -> bool:
-    """True when the engine's look-ahead for the symbol is the work for `upcoming`, so that its
-    reading takes one recursion step (the check `evaluate` makes)."""
-    ahead = engine._next_bar.get(SYMBOL)
-    if ahead is None:
-        return False
-    closes = upcoming.close[-len(ahead.closes) - 1 : -1].tolist()
-    volumes = upcoming.volume[-len(ahead.volumes) - 1 : -1].tolist()
-    return bool(ahead.params == engine.params and ahead.closes == closes and ahead.volumes == volumes)
+@contextlib.contextmanager
+def whole_window_readings() -> Iterator[list[int]]:
+    """Counts the momentum readings that computed their whole window (`engines.momentum` fell back to
+    `_last_indicators`) instead of one step on the engine's look-ahead: read from what `evaluate` did,
+    not by repeating its check. The wrapper runs only on that fallback, never on a look-ahead hit."""
+    count = [0]
+    inner = momentum._last_indicators
+
+    def counted(*args: Any) -> Any:
+        count[0] += 1
+        return inner(*args)
+
+    momentum._last_indicators = counted  # type: ignore[assignment]
+    try:
+        yield count
+    finally:
+        momentum._last_indicators = inner  # type: ignore[assignment]
 
 
 def _describe(sent: list[Sent]) -> str:
@@ -377,7 +387,7 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
     feed = ScriptedFeed(clock, BARS)
     bus = EventBus()
     result = RunResult()
-    with tempfile.TemporaryDirectory(prefix="tick-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tick-bench-") as tmp, whole_window_readings() as whole:
         ledger = await Ledger.open(Path(tmp) / "ledger.sqlite3", clock)
         tasks: list[asyncio.Task[Any]] = []
         late: set[asyncio.Task[None]] = set()
@@ -468,10 +478,6 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
                     if engine_task.done():
                         engine_task.result()
                         raise SystemExit("engine stopped unexpectedly")
-                    if leg == "entry" and r >= warmup:
-                        # Whether the engine's look-ahead fits the bar about to close (read before the
-                        # idle gap, so that this check warms nothing up for the measured path).
-                        result.looked_ahead += looked_ahead_fits(engine, feed.next_series(RISE, RISE_VOLUME))
                     if gap_ms > 0:
                         await clock.sleep(gap_ms / 1000)
                     if leg == "entry":
@@ -480,6 +486,7 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
                         feed.prepare_exit(TAKE_PROFIT_MOVE if take_profit else STOP_LOSS_MOVE)
                     sent_before, fills_before = len(sent), len(exchange_fills)
                     stages.marks.clear()
+                    whole_before = whole[0]
                     t0 = feed.publish()
                     await settled()
                     new, fills = sent[sent_before:], exchange_fills[fills_before:]
@@ -494,6 +501,7 @@ async def one_run(orders: int, warmup: int, gap_ms: float, journal: bool, breakd
                         assert t1 is not None and t_stop is not None
                         if measured:
                             result.entries_us.append((t1 - t0) / 1000)
+                            result.looked_ahead += whole[0] == whole_before
                             result.protective_us.append((t_stop - t0) / 1000)
                     elif leg == "take-profit":
                         if kinds != [(Side.SELL, OrderType.MARKET, True)]:
