@@ -20,7 +20,7 @@ from config import Settings
 from core.clock import Clock
 from core.errors import DependencyError, TemporaryError
 from core.events import DataStale, EventBus, OrderDenied
-from core.types import ZERO, CandleSeries, Order, OrderIntent, OrderState, Position, Ticker
+from core.types import ZERO, CandleSeries, Order, OrderIntent, OrderState, Position, Side, Ticker
 from engines.trade_metrics import MetricsReport, load_report, report
 from exchange.base import Exchange, MarketFeed, quantize_down
 from exchange.orders import OrderManager, SubmitResult
@@ -63,6 +63,18 @@ class EngineContext:
 
 
 @dataclass
+class DenialRun:
+    """Identical denials of one symbol and side in a row: the gate's rule, its latest reason and how
+    many. A tripped breaker refuses every entry signal for its whole cooldown, so only a run's first
+    denial is logged; the run's end (an order of that symbol and side passing, or another rule
+    refusing it) is logged with the count."""
+
+    rule: str
+    reason: str
+    count: int = 1
+
+
+@dataclass
 class EngineCounters:
     steps: int = 0
     entries: int = 0
@@ -92,6 +104,7 @@ class BaseEngine:
         self._seen_changes = -1
         self._idle = False  # waiting for the feed, between two steps
         self._reload: asyncio.Task[None] | None = None
+        self._denials: dict[tuple[str, Side], DenialRun] = {}
         self.metrics: MetricsReport = report([])
         self._metrics_stale = False
         self._metrics_due = 0.0
@@ -151,6 +164,8 @@ class BaseEngine:
                 self.ctx.on_position_change = None
             if self._reload is not None:
                 self._reload.cancel()
+            for symbol, side in list(self._denials):
+                self._end_denials(symbol, side, "engine stopped")
         self.log.info("engine stopped", steps=self.counters.steps)
 
     def _position_changed(self) -> None:
@@ -273,6 +288,27 @@ class BaseEngine:
             if isinstance(outcome, BaseException):
                 raise outcome
 
+    def _note_denial(self, intent: OrderIntent, rule: str, reason: str) -> None:
+        """Log a denial unless it repeats the run of its symbol and side (see `DenialRun`); every denial
+        is still counted and published as an event."""
+        key = (intent.symbol, intent.side)
+        run = self._denials.get(key)
+        if run is not None and run.rule == rule:
+            run.count += 1
+            run.reason = reason
+            return
+        if run is not None:
+            self._end_denials(intent.symbol, intent.side, "another rule denies")
+        self._denials[key] = DenialRun(rule, reason)
+        self.log.info("order denied", symbol=intent.symbol, side=str(intent.side), reason=reason,
+                      note="repeats of this denial are counted, not logged, until it ends")
+
+    def _end_denials(self, symbol: str, side: Side, why: str) -> None:
+        run = self._denials.pop((symbol, side), None)
+        if run is not None and run.count > 1:
+            self.log.info("order denials ended", symbol=symbol, side=str(side), rule=run.rule, denied=run.count,
+                          last_reason=run.reason, ended_by=why)
+
     async def trade(self, intent: OrderIntent) -> SubmitResult | None:
         """Gate, reserve, send, release. Returns None when the gate denied the intent.
 
@@ -304,12 +340,14 @@ class BaseEngine:
         )
         if not decision.allowed:
             self.counters.denied += 1
-            self.log.info("order denied", symbol=intent.symbol, side=str(intent.side), reason=decision.reason)
+            self._note_denial(intent, decision.rule, decision.reason)
             self.ctx.bus.publish(
                 OrderDenied(ts=self.clock.now(), engine=self.ctx.name, symbol=intent.symbol,
                             side=intent.side, reason=decision.reason)
             )
             return None
+        if self._denials:
+            self._end_denials(intent.symbol, intent.side, "order passed the gate")
         try:
             result = await self.ctx.orders.submit(intent)
         finally:

@@ -30,22 +30,27 @@ class EngineLimits:
 
 @value_type
 class GateDecision:
-    """`reservation` is set only for an allowed entry; the caller releases it on fill or cancel."""
+    """`reservation` is set only for an allowed entry; the caller releases it on fill or cancel.
+
+    `rule` names the rule that decided, and stays the same while the `reason` text carries figures that
+    change from one intent to the next ("budget exhausted: needs ..."): a caller tells a run of the
+    same denial (a tripped breaker refusing every entry signal for an hour) by it."""
 
     allowed: bool
     reason: str
     reservation: Reservation | None = None
+    rule: str = "ok"
 
 
 # Shared instances for the common answers: no allocation on the hot path for them.
-_FLATTEN_OK = GateDecision(True, "system flatten")
-_EXIT_OK = GateDecision(True, "reduce-only")
-_HALTED_NO = GateDecision(False, "trading halted: only the system's own flattening passes")
-_REDUCING_NO = GateDecision(False, "breaker tripped (reducing): only reduce-only orders pass")
-_PAUSED_NO = GateDecision(False, "engine paused")
-_NO_LIMITS = GateDecision(False, "no limits configured for this engine")
-_BAD_AMOUNT = GateDecision(False, "amount must be positive")
-_BAD_NOTIONAL = GateDecision(False, "notional must be positive")
+_FLATTEN_OK = GateDecision(True, "system flatten", rule="flatten")
+_EXIT_OK = GateDecision(True, "reduce-only", rule="reduce-only")
+_HALTED_NO = GateDecision(False, "trading halted: only the system's own flattening passes", rule="halted")
+_REDUCING_NO = GateDecision(False, "breaker tripped (reducing): only reduce-only orders pass", rule="reducing")
+_PAUSED_NO = GateDecision(False, "engine paused", rule="paused")
+_NO_LIMITS = GateDecision(False, "no limits configured for this engine", rule="no-limits")
+_BAD_AMOUNT = GateDecision(False, "amount must be positive", rule="amount")
+_BAD_NOTIONAL = GateDecision(False, "notional must be positive", rule="notional")
 
 
 class RiskGate:
@@ -93,12 +98,14 @@ class RiskGate:
         if limits is None:
             return _NO_LIMITS
         if not has_position and open_positions >= limits.max_positions:
-            return GateDecision(False, f"max positions reached ({open_positions}/{limits.max_positions})")
+            return GateDecision(False, f"max positions reached ({open_positions}/{limits.max_positions})",
+                                rule="max-positions")
         leverage = 1 if intent.leverage is None else intent.leverage
         if leverage > limits.max_leverage:
-            return GateDecision(False, f"leverage {leverage}x above the engine's max {limits.max_leverage}x")
+            return GateDecision(False, f"leverage {leverage}x above the engine's max {limits.max_leverage}x",
+                                rule="leverage")
         if leverage < 1:
-            return GateDecision(False, f"leverage {leverage}x is not valid")
+            return GateDecision(False, f"leverage {leverage}x is not valid", rule="leverage")
         amount = intent.amount
         if not amount.is_finite() or amount <= 0:
             return _BAD_AMOUNT
@@ -108,5 +115,6 @@ class RiskGate:
         reservation = self._allocator.reserve(engine, notional, equity)
         if reservation is None:
             available = self._allocator.available(engine, equity)
-            return GateDecision(False, f"budget exhausted: needs {notional}, {available:.2f} available")
+            return GateDecision(False, f"budget exhausted: needs {notional}, {available:.2f} available",
+                                rule="budget")
         return GateDecision(True, "ok", reservation)
