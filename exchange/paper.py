@@ -38,6 +38,7 @@ from exchange.base import (
     quantize_down,
     quantize_price,
 )
+from exchange.paper_history import SettledHistory
 
 log = structlog.get_logger("paper")
 # The stdlib logger behind `log`. A filtered structlog call still binds and builds its arguments
@@ -221,9 +222,10 @@ class PaperExchange:
         self.quote_asset = quote_asset or self._main_quote()
         self._balances: dict[str, Decimal] = dict(self._starting)
         self._locked: dict[str, Decimal] = {}
-        self._orders: dict[str, _PaperOrder] = {}
+        # Orders by client order id and trades: settled ones for a retention window (see exchange.paper_history).
+        self._history: SettledHistory[_PaperOrder] = SettledHistory()
+        self._orders = self._history.orders
         self._resting: dict[str, _PaperOrder] = {}
-        self._trades: list[Fill] = []
         self._last_price: dict[str, Decimal] = {}
         self._unpriced_warned: set[str] = set()
         self._matching = MatchingOnUpdates(lambda: self.process_prices())  # late-bound: what process_prices is now
@@ -258,6 +260,7 @@ class PaperExchange:
             raise DependencyError(f"no price for {request.symbol}: cannot place an order")
         req = self._normalized(request, info)
         now = self._clock.now()
+        self._history.forget_old(now)
         order = _PaperOrder(req, _exchange_order_id(req.client_order_id), OrderState.OPEN, now, now)
         if req.order_type is OrderType.MARKET:
             price = taker_price(req.side, ticker, self._slippage, info.price_step)
@@ -305,6 +308,7 @@ class PaperExchange:
         self._unrest(order)
         order.state = OrderState.CANCELED
         order.updated_at = self._clock.now()
+        self._history.settled(client_order_id, order.updated_at)
         return order.update()
 
     async def fetch_open_orders(self, symbols: list[str]) -> list[OrderUpdate]:
@@ -313,7 +317,8 @@ class PaperExchange:
         return [o.update() for o in self._resting.values() if not wanted or o.request.symbol in wanted]
 
     async def fetch_my_trades(self, symbol: str, since: float | None = None) -> list[Fill]:
-        return [f for f in self._trades if f.symbol == symbol and (since is None or f.ts >= since)]
+        """This venue's trades of `symbol` within the retention window (see exchange.paper_history)."""
+        return self._history.trades_of(symbol, since)
 
     async def fetch_balance(self) -> Balance:
         assets = sorted(set(self._balances) | set(self._locked))
@@ -399,15 +404,15 @@ class PaperExchange:
         """
         self._balances = dict(self._starting)
         self._locked = {}
-        self._orders = {}
+        self._history.clear()
         self._resting = {}
-        self._trades = []
         by_order: dict[str, list[Fill]] = {}
-        for fill in sorted(fills, key=lambda f: f.ts):
+        ordered = sorted(fills, key=lambda f: f.ts)
+        for fill in ordered:
             base, quote = self._assets(fill.symbol)
             apply_fill(self._balances, fill, base, quote)
             by_order.setdefault(fill.client_order_id, []).append(fill)
-            self._trades.append(fill)
+        self._history.restore_trades(ordered)
         now = self._clock.now()
         for request in open_orders:
             cid = request.client_order_id
@@ -427,6 +432,7 @@ class PaperExchange:
                                 fills=by_order.pop(cid, []))
             if order.remaining <= 0:
                 order.state = OrderState.FILLED
+                self._history.settled(cid, now)
             else:
                 if order.fills:
                     order.state = OrderState.PARTIALLY_FILLED
@@ -439,7 +445,9 @@ class PaperExchange:
                                    reduce_only=first.reduce_only)
             self._orders[cid] = _PaperOrder(request, _exchange_order_id(cid), OrderState.FILLED,
                                             first.ts, order_fills[-1].ts, fills=list(order_fills))
-        log.info("paper state restored", fills=len(self._trades), open_orders=len(self._resting),
+            self._history.settled(cid, order_fills[-1].ts)
+        self._history.forget_old(now)
+        log.info("paper state restored", fills=len(ordered), open_orders=len(self._resting),
                  balances={a: str(v) for a, v in sorted(self._balances.items())})
 
     # --- internals ----------------------------------------------------------------------------------
@@ -579,7 +587,8 @@ class PaperExchange:
         order.fills.append(fill)
         order.state = OrderState.FILLED
         order.updated_at = now
-        self._trades.append(fill)
+        self._history.add_trade(fill)
+        self._history.settled(req.client_order_id, now)
         return fill
 
     def _work(self, order: _PaperOrder, ticker: Ticker, now: float) -> bool:
@@ -603,6 +612,7 @@ class PaperExchange:
             self._unrest(order)
             order.state = OrderState.REJECTED
             order.updated_at = now
+            self._history.settled(req.client_order_id, now)
             log.warning(
                 "paper stop rejected at trigger: insufficient funds", client_order_id=req.client_order_id,
                 needs=str(need), available=str(available), asset=asset,

@@ -58,6 +58,7 @@ from exchange.base import (
     quantize_price,
 )
 from exchange.paper import FillCallback, MatchingOnUpdates, fee_for, taker_price
+from exchange.paper_history import SettledHistory
 
 log = structlog.get_logger("paper_futures")
 # The stdlib logger behind `log`. A filtered structlog call still binds and builds its arguments
@@ -350,9 +351,10 @@ class PaperFuturesExchange:
         self._idle_wait = idle_wait_seconds
         self._account = FuturesAccount(self._starting)
         self._leverage: dict[str, int] = {}
-        self._orders: dict[str, _Order] = {}
+        # Orders by client order id and trades: settled ones for a retention window (see exchange.paper_history).
+        self._history: SettledHistory[_Order] = SettledHistory()
+        self._orders = self._history.orders
         self._resting: dict[str, _Order] = {}
-        self._trades: list[Fill] = []
         self._funding: list[FundingPayment] = []
         self._liquidations: dict[str, int] = {}
         self._seq = 0
@@ -409,6 +411,7 @@ class PaperFuturesExchange:
         if ticker is None:
             raise DependencyError(f"no price for {request.symbol}: cannot place an order")
         now = self._clock.now()
+        self._history.forget_old(now)
         # Funding due before this order is charged on the position as it was at the funding time.
         self._settle_funding(now)
         leverage = self._order_leverage(request, info)
@@ -466,7 +469,8 @@ class PaperFuturesExchange:
         return [o.update() for o in self._resting.values() if not wanted or o.request.symbol in wanted]
 
     async def fetch_my_trades(self, symbol: str, since: float | None = None) -> list[Fill]:
-        return [f for f in self._trades if f.symbol == symbol and (since is None or f.ts >= since)]
+        """This venue's trades of `symbol` within the retention window (see exchange.paper_history)."""
+        return self._history.trades_of(symbol, since)
 
     async def fetch_balance(self) -> Balance:
         return Balance(free={SETTLE_ASSET: self.available()}, total={SETTLE_ASSET: self._account.wallet},
@@ -596,7 +600,8 @@ class PaperFuturesExchange:
                 levels[symbol] = lev
         self._leverage = levels
         self._account = FuturesAccount(self._starting)
-        self._orders, self._resting, self._trades, self._funding = {}, {}, [], []
+        self._history.clear()
+        self._resting, self._funding = {}, []
         self._liquidations, self._seq = {}, 0
         ordered = sorted(enumerate(fills), key=lambda item: (item[1].ts, _fill_sequence(item[1].trade_id),
                                                               item[0]))
@@ -604,7 +609,7 @@ class PaperFuturesExchange:
         latest: float | None = None
         for _, fill in ordered:
             self._account.apply_fill(fill, self.leverage(fill.symbol))
-            self._trades.append(fill)
+            self._history.add_trade(fill)
             by_order.setdefault(fill.client_order_id, []).append(fill)
             self._seq = max(self._seq, _fill_sequence(fill.trade_id))
             n = _liquidation_number(fill.client_order_id, fill.symbol)
@@ -626,7 +631,9 @@ class PaperFuturesExchange:
                                  reduce_only=first.reduce_only)
             self._orders[cid] = _Order(known, _exchange_order_id(cid), OrderState.FILLED, first.ts,
                                        order_fills[-1].ts, fills=list(order_fills))
-        log.info("paper futures state restored", fills=len(self._trades), funding=len(self._funding),
+            self._history.settled(cid, order_fills[-1].ts)
+        self._history.forget_old(now)
+        log.info("paper futures state restored", fills=len(ordered), funding=len(self._funding),
                  open_orders=len(self._resting), positions=len(self._account.positions),
                  wallet=str(self._account.wallet))
 
@@ -646,6 +653,7 @@ class PaperFuturesExchange:
         order = _Order(req, _exchange_order_id(cid), OrderState.OPEN, now, now, fills=by_order.pop(cid, []))
         if order.remaining <= 0:
             order.state = OrderState.FILLED
+            self._history.settled(cid, now)
         else:
             if order.fills:
                 order.state = OrderState.PARTIALLY_FILLED
@@ -750,6 +758,7 @@ class PaperFuturesExchange:
         order.locked = ZERO
         order.state = state
         order.updated_at = now
+        self._history.settled(order.request.client_order_id, now)
 
     def _new_fill(self, order: _Order, amount: Decimal, price: Decimal, fee: Decimal, now: float) -> Fill:
         return Fill(
@@ -775,7 +784,8 @@ class PaperFuturesExchange:
         order.fills.append(fill)
         order.state = OrderState.FILLED
         order.updated_at = now
-        self._trades.append(fill)
+        self._history.add_trade(fill)
+        self._history.settled(order.request.client_order_id, now)
 
     def _execute(self, order: _Order, price: Decimal, fee_pct: Decimal, now: float, leverage: int) -> Fill | None:
         """Fill the order's remainder at `price`, or raise InsufficientFunds without changing anything.
