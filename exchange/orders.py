@@ -366,8 +366,10 @@ class OrderManager:
             # The order may or may not exist on the exchange. Never send again: ask for it by id.
             await self.store.update_order(cid, state=OrderState.UNKNOWN)
             log.warning("order outcome unknown", engine=self.engine, client_order_id=cid, error=str(exc))
-            resolved = await self.resolve_unknown(order)
-            return resolved
+            # The grace for the exchange to show the order counts from now, as it does for the row after
+            # a restart: from the order's creation, the send timeout would use it up.
+            unknown = dataclasses.replace(order, state=OrderState.UNKNOWN, updated_at=self.clock.now())
+            return await self.resolve_unknown(unknown)
         except InsufficientFunds as exc:
             return await self._rejected(order, f"insufficient funds: {exc}")
         except OrderRejected as exc:

@@ -494,3 +494,50 @@ async def test_real_client_duplicate_answer_then_rate_limited_readback_is_unknow
     assert result.order.state is OrderState.FILLED and rig.rejections == []
     assert fake.create_count(cid) == 1
     assert len(fake.calls("/api/v3/order", "GET")) >= 4  # three refused read-backs, then the lookup
+
+
+class StallsThenShows(ScriptedExchange):
+    """The send never answers; the order shows on the exchange, filled, from `visible_at` on."""
+
+    def __init__(self, clock: SimClock, visible_at: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.visible_at = visible_at
+        self.never = asyncio.Event()
+
+    async def create_order(self, request: OrderRequest) -> OrderUpdate:
+        self.creates.append(request.client_order_id)
+        await self.never.wait()
+        raise AssertionError("the send never answers")
+
+    async def fetch_order(self, symbol: str, client_order_id: str) -> OrderUpdate:
+        self.fetches.append(client_order_id)
+        if self.clock.now() < self.visible_at:
+            raise OrderNotFound("unknown order")
+        return filled(client_order_id)
+
+
+@pytest.mark.parametrize(("send_timeout", "grace", "shows_after_timeout"), [
+    (10.0, 15.0, 8.0),  # the defaults
+    (20.0, 15.0, 1.0),  # a send timeout longer than the grace
+])
+async def test_the_grace_after_a_send_timeout_counts_from_the_timeout(
+        rig: Rig, send_timeout: float, grace: float, shows_after_timeout: float) -> None:
+    """The grace is how long an order may stay 'not found' once its send's outcome is unknown; counted
+    from the order's creation, the send timeout used it up, and an order that showed within it was
+    declared never placed (its fill then missing from the ledger until the next start)."""
+    start = rig.clock.now()
+    exchange = StallsThenShows(rig.clock, start + send_timeout + shows_after_timeout)
+    om = rig.manager(exchange, send_timeout=send_timeout, unknown_grace_seconds=grace)
+    async with asyncio.timeout(10):
+        task = asyncio.ensure_future(om.submit(intent()))
+        await settle()
+        for _ in range(int(send_timeout + grace + 30)):
+            await rig.clock.advance(1.0)
+            if task.done():
+                break
+        result = await task
+    assert result.order.state is OrderState.FILLED, result.error
+    stored = await rig.store.get_order(result.order.client_order_id)
+    assert stored is not None and stored.state is OrderState.FILLED
+    assert exchange.creates == [result.order.client_order_id]  # sent once, never again
