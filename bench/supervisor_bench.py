@@ -122,7 +122,7 @@ async def supervise(sup: Supervisor, clock: LiveClock, interval: float) -> None:
     while True:
         await sup.tick()
         due = sup.next_restart_due()
-        wait = interval if due is None else max(0.0, min(interval, due - clock.now()))
+        wait = interval if due is None else max(0.0, min(interval, due - clock.monotonic()))
         sup.wake.clear()
         with contextlib.suppress(TimeoutError):
             await clock.wait_for(sup.wake.wait(), wait)

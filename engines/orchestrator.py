@@ -550,7 +550,7 @@ class Orchestrator:
                 self._log_engine_status()
                 self._report_portfolio(final=False)
             due = sup.next_restart_due()
-            wait = interval if due is None else max(0.0, min(interval, due - self.clock.now()))
+            wait = interval if due is None else max(0.0, min(interval, due - self.clock.monotonic()))
             sup.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await self.clock.wait_for(sup.wake.wait(), wait)
@@ -956,7 +956,7 @@ class Orchestrator:
         if slot.state is SlotState.FAILED:
             self.policy.reset(engine)
             slot.state = SlotState.RESTARTING
-            slot.restart_at = self.clock.now()
+            slot.restart_at = self.clock.monotonic()
             sup.wake.set()
             return CommandResult(True, f"{engine} was FAILED; starting it again")
         await sup.restart_now(engine, f"requested by {by}")

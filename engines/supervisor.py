@@ -42,7 +42,7 @@ class EngineSlot:
     task: asyncio.Task[None] | None = None
     attempt: int = 0
     warned: bool = False
-    restart_at: float | None = None
+    restart_at: float | None = None  # on the monotonic clock
     restart_reason: str = ""
     last_error: str | None = None
     orphans: list[asyncio.Task[None]] = field(default_factory=list)
@@ -123,7 +123,9 @@ class Supervisor:
     def _schedule_restart(self, slot: EngineSlot, reason: str) -> None:
         if self.stopping:
             return
-        decision = self.policy.on_restart(slot.name, self.clock.now())
+        # Restart times and the restart window are intervals: monotonic, so a step of the wall clock
+        # (NTP) neither delays a restart nor stretches the window.
+        decision = self.policy.on_restart(slot.name, self.clock.monotonic())
         if not decision.allowed:
             slot.state = SlotState.FAILED
             slot.restart_at = None
@@ -135,7 +137,7 @@ class Supervisor:
             return
         slot.state = SlotState.RESTARTING
         slot.restart_reason = reason
-        slot.restart_at = self.clock.now() + decision.backoff
+        slot.restart_at = self.clock.monotonic() + decision.backoff
         log.warning("engine restart scheduled", engine=slot.name, reason=reason,
                     backoff_seconds=decision.backoff, attempt=decision.attempt)
         self.bus.publish(EngineRestarted(ts=self.clock.now(), engine=slot.name, reason=reason,
@@ -188,6 +190,7 @@ class Supervisor:
     async def tick(self) -> None:
         """One pass of the supervision policy; called every health_check_interval_seconds."""
         now = self.clock.now()
+        mono = self.clock.monotonic()
         for slot in list(self.slots.values()):
             if slot.state is SlotState.RUNNING:
                 verdict = self.health.verdict(slot.name)
@@ -201,7 +204,7 @@ class Supervisor:
                 elif verdict is Verdict.RESTART:
                     log.error("engine stalled: restarting", engine=slot.name, heartbeat_age=round(age, 1))
                     await self.restart_now(slot.name, f"heartbeat stalled for {age:.0f}s", graceful=False)
-            if slot.state is SlotState.RESTARTING and slot.restart_at is not None and now >= slot.restart_at:
+            if slot.state is SlotState.RESTARTING and slot.restart_at is not None and mono >= slot.restart_at:
                 self.start(slot.name)
             slot.orphans = [t for t in slot.orphans if not t.done()]
 

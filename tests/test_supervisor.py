@@ -192,3 +192,67 @@ async def test_graceful_stop_all_lets_engines_finish() -> None:
     assert all(s.state is SlotState.STOPPED for s in h.sup.slots.values())
     assert all(t.done() and not t.cancelled() for t in h.tasks), "engines returned on their own"
     await h.close()
+
+
+class SteppedWallClock(SimClock):
+    """Monotonic time as SimClock; wall time may be stepped independently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return self._now + self.offset
+
+
+class CrashesOnce:
+    def __init__(self, clock: SimClock, health: HealthMonitor, crash: bool) -> None:
+        self.clock, self.health, self.crash, self.stopped = clock, health, crash, False
+
+    async def start(self) -> None:
+        while not self.stopped:
+            self.health.heartbeat("spot")
+            if self.crash:
+                await self.clock.sleep(1)
+                raise RuntimeError("boom")
+            await self.clock.sleep(1)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_wall_clock_step_back_does_not_delay_a_restart() -> None:
+    """Restart times are monotonic, as the heartbeat verdicts are: NTP stepping a VPS's clock back an
+    hour right after a crash must not leave the engine down for that hour."""
+    clock = SteppedWallClock()
+    health = HealthMonitor(clock, 60, 300)
+    policy = RestartPolicy(5, 3600, 1.0, 60.0)
+    made: list[CrashesOnce] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def factory() -> CrashesOnce:
+        e = CrashesOnce(clock, health, crash=not made)  # the first instance crashes, later ones run
+        made.append(e)
+        return e
+
+    def spawn(name: str, engine: Any) -> asyncio.Task[None]:
+        t = asyncio.ensure_future(sup.guard(name, engine))
+        tasks.append(t)
+        return t
+
+    sup = Supervisor(clock, EventBus(), health, policy, stop_timeout=10, spawn=spawn)
+    sup.add("spot", factory)
+    sup.start("spot")
+    await clock.advance(1)  # crashes; restart scheduled 1 s later
+    assert sup.slots["spot"].state is SlotState.RESTARTING
+    clock.offset = -3600.0  # NTP steps the wall clock back an hour
+    for _ in range(30):  # 30 s of supervisor ticks, one a second
+        await sup.tick()
+        await clock.advance(1)
+    state = sup.slots["spot"].state
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert state is SlotState.RUNNING and len(made) == 2, (
+        f"engine still {state} 30 s after a 1 s backoff (restart_at={sup.slots['spot'].restart_at}, "
+        f"now={clock.now()})")
