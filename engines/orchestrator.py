@@ -22,7 +22,7 @@ import structlog
 
 from config import TIMEFRAME_SECONDS, Settings
 from core.clock import Clock
-from core.errors import KineticError, OperationalError
+from core.errors import DependencyError, KineticError, OperationalError, TemporaryError
 from core.events import (
     DaemonStarted,
     DaemonStopping,
@@ -36,6 +36,7 @@ from core.events import (
 from core.types import (
     ZERO,
     MarketType,
+    Order,
     OrderIntent,
     OrderState,
     OrderType,
@@ -85,6 +86,10 @@ MARKET_OF = {"spot": MarketType.SPOT, "futures": MarketType.FUTURES}
 RISK_KEY = "risk"
 STATUS_LOG_SECONDS = 60.0  # how often the engines' status and the portfolio are logged
 PAUSE_KEY = "pause"
+# A flattening (kill, or a trip with global_flatten_on_trip) not finished yet: a restart takes it up again.
+FLATTEN_KEY = "flatten"
+# What an exchange call may raise that is about the exchange, not the daemon: logged, then retried later.
+_EXCHANGE_TROUBLE = (TimeoutError, TemporaryError, DependencyError, OperationalError)
 
 
 class StartupError(KineticError):
@@ -171,6 +176,7 @@ class Orchestrator:
         self._risk_dirty = False
         self._crashed = False
         self._books_complete = False
+        self._balance_failing: set[str] = set()  # engines whose last balance read failed (logged once)
         self._next_report = clock.monotonic() + STATUS_LOG_SECONDS
         self._flatten_task: asyncio.Task[Any] | None = None
         self._flatten_wanted: tuple[bool, str] = (False, "")
@@ -504,6 +510,7 @@ class Orchestrator:
             else:
                 self._own(self._poll_orders(part), f"order-poll:{name}")
         self._own(self._supervise(), "supervisor")
+        await self._resume_flatten()
 
     # --- supervision -----------------------------------------------------------------------------
     def _feed_died(self) -> bool:
@@ -533,27 +540,50 @@ class Orchestrator:
         return True
 
     async def _supervise(self) -> None:
+        """The supervisor tick. Reading the books asks the exchange for balances, which live can take
+        tens of seconds of timeouts and retries: that read runs in a task of its own, and a tick waits
+        for it at most one interval, so the engines' supervision and systemd's watchdog ping never wait
+        on a slow exchange. The breaker judges each completed read."""
         sup = self._supervisor()
         interval = self.settings.health_check_interval_seconds
-        while not self._stop.is_set():
-            if self._feed_died() or self._ledger_refused_a_sent_order():
-                return
-            await sup.tick()
-            await self._refresh_books()
-            await self._update_risk()
-            await self._persist_progress()
-            if self.ops.metrics is not None:
-                self.ops.metrics.set_orders_by_state(await self._ledger().order_counts_by_state())
-            self.ops.tick(await self.status())
-            if self.clock.monotonic() >= self._next_report:
-                self._next_report = self.clock.monotonic() + STATUS_LOG_SECONDS
-                self._log_engine_status()
-                self._report_portfolio(final=False)
-            due = sup.next_restart_due()
-            wait = interval if due is None else max(0.0, min(interval, due - self.clock.monotonic()))
-            sup.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await self.clock.wait_for(sup.wake.wait(), wait)
+        books: asyncio.Task[None] | None = None
+        slow_since: float | None = None  # a read has been running past a tick since then (logged once)
+        try:
+            while not self._stop.is_set():
+                if self._feed_died() or self._ledger_refused_a_sent_order():
+                    return
+                await sup.tick()
+                if books is None:
+                    books = asyncio.ensure_future(self._refresh_books())
+                    books.set_name("books")
+                if not books.done():
+                    with contextlib.suppress(TimeoutError):
+                        await self.clock.wait_for(asyncio.shield(books), interval)
+                if books.done():
+                    done, books, slow_since = books, None, None
+                    done.result()  # (what it raises is a broken invariant: the supervisor dies of it)
+                    await self._update_risk()
+                elif slow_since is None:
+                    slow_since = self.clock.monotonic()
+                    log.warning("books not read within a supervisor tick: the exchange is slow; the breaker "
+                                "judges the next complete read", waited_seconds=interval)
+                await self._persist_progress()
+                if self.ops.metrics is not None:
+                    self.ops.metrics.set_orders_by_state(await self._ledger().order_counts_by_state())
+                self.ops.tick(await self.status())
+                if self.clock.monotonic() >= self._next_report:
+                    self._next_report = self.clock.monotonic() + STATUS_LOG_SECONDS
+                    self._log_engine_status()
+                    self._report_portfolio(final=False)
+                due = sup.next_restart_due()
+                wait = interval if due is None else max(0.0, min(interval, due - self.clock.monotonic()))
+                sup.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await self.clock.wait_for(sup.wake.wait(), wait)
+        finally:
+            if books is not None and not books.done():
+                books.cancel()
+                await asyncio.wait({books})
 
     async def _poll_orders(self, part: EngineParts) -> None:
         """Live and testnet: learn about fills of orders resting on the exchange (a protective stop
@@ -565,11 +595,23 @@ class Orchestrator:
                 await part.orders.poll_open_orders()
 
     async def _refresh_books(self) -> None:
+        """Each engine's equity, P&L and positions. An engine whose balance the exchange does not give
+        (no answer, refused) keeps its last book and the books count as incomplete, so the breaker
+        waits for a true figure instead of judging a guess; the supervisor goes on either way."""
         ledger = self._ledger()
-        total = ZERO
         complete = True
         for name, part in self.parts.items():
-            balance = await part.exchange.fetch_balance()
+            try:
+                balance = await part.exchange.fetch_balance()
+            except _EXCHANGE_TROUBLE as exc:
+                complete = False
+                if name not in self._balance_failing:
+                    self._balance_failing.add(name)
+                    log.warning("balance unavailable: the breaker waits for it", engine=name, error=repr(exc))
+                continue
+            if name in self._balance_failing:
+                self._balance_failing.discard(name)
+                log.info("balance available again", engine=name)
             positions = tuple(await ledger.positions(name))
             unrealized = ZERO
             for p in positions:
@@ -580,11 +622,10 @@ class Orchestrator:
                     complete = False
             realized = await ledger.realized_pnl(name)
             self.books[name] = EngineBook(balance.equity, realized, unrealized, positions)
-            total += balance.equity
-        self._equity = total
+        self._equity = sum((book.equity for book in self.books.values()), ZERO)
         # Equity without a price for every held position undercounts it (a coin with no price is worth
         # nothing to the paper books): the breaker must not judge such a figure.
-        self._books_complete = complete
+        self._books_complete = complete and len(self.books) == len(self.parts)
 
     async def _update_risk(self) -> None:
         if not self._books_complete:
@@ -598,7 +639,7 @@ class Orchestrator:
         while True:
             missing = sorted({p.symbol for name in self.parts for p in await self._ledger().positions(name)
                               if self.feeds[name].ticker(p.symbol) is None})
-            if not missing or self.clock.monotonic() >= deadline:
+            if not missing or self.clock.monotonic() >= deadline or self._stop.is_set():
                 break
             await self.clock.sleep(0.1)
         if missing:
@@ -634,7 +675,9 @@ class Orchestrator:
         """Close every position with market orders through the gate. `system` marks the kill switch's
         own flattening, the one thing that passes while HALTED. A symbol with no price yet is left as it
         is — its protective stop too — for the next pass, rather than cancelling the stop and failing
-        to sell. Returns how many positions are still open."""
+        to sell. So is one whose cancel or sale the exchange did not answer or refused: the error is
+        logged and the next pass tries again (`_flatten_until_flat`); it never ends the flattening.
+        Returns how many positions are still open."""
         remaining = 0
         for name, part in self.parts.items():
             async with part.trade_lock:
@@ -647,38 +690,59 @@ class Orchestrator:
                         remaining += 1
                         log.error("flatten postponed: no price yet", engine=name, symbol=position.symbol)
                         continue
-                    # Resting orders on this symbol first: a protective stop would sell the same coins.
-                    for order in [o for o in resting if o.symbol == position.symbol]:
-                        await part.orders.cancel(order)
-                    market = part.exchange.market(position.symbol)
-                    amount = quantize_down(position.amount, market.amount_step)
-                    if amount <= 0:
-                        continue
-                    intent = OrderIntent(
-                        engine=name, market=position.market, symbol=position.symbol,
-                        side=position.side.exit_side, amount=amount, order_type=OrderType.MARKET,
-                        reduce_only=True, system_flatten=system, reason=f"flatten: {reason}",
-                    )
-                    decision = self._gate().check(intent, equity=self._equity, open_positions=0,
-                                                  has_position=True)
-                    if not decision.allowed:
+                    try:
+                        closed = await self._flatten_one(part, position, resting, system=system, reason=reason)
+                    except _EXCHANGE_TROUBLE as exc:
+                        closed = False
+                        log.error("flatten step failed; the next pass tries again", engine=name,
+                                  symbol=position.symbol, error=repr(exc))
+                    if not closed:
                         remaining += 1
-                        log.error("flatten denied", engine=name, symbol=position.symbol,
-                                  reason=decision.reason)
-                        continue
-                    result = await part.orders.submit(intent)
-                    if result.filled < amount:
-                        remaining += 1
-                    log.warning("flattened", engine=name, symbol=position.symbol,
-                                filled=str(result.filled), error=result.error)
                 # Entry orders still resting (limit entries) go too; protective stops of positions that
                 # could not be closed stay.
                 for order in resting:
                     if not order.reduce_only and not order.state.is_terminal:
-                        await part.orders.cancel(order)
+                        await self._cancel_quietly(part, order)
                 if part.context is not None:
                     await self._refresh_engine_positions(name)
         return remaining
+
+    async def _flatten_one(self, part: EngineParts, position: Position, resting: list[Order], *,
+                           system: bool, reason: str) -> bool:
+        """Cancel the position's resting orders, then sell it at market. True when nothing is left."""
+        name = part.name
+        # Resting orders on this symbol first: a protective stop would sell the same coins.
+        for order in [o for o in resting if o.symbol == position.symbol]:
+            await part.orders.cancel(order)
+        market = part.exchange.market(position.symbol)
+        amount = quantize_down(position.amount, market.amount_step)
+        if amount <= 0:
+            return True
+        intent = OrderIntent(
+            engine=name, market=position.market, symbol=position.symbol,
+            side=position.side.exit_side, amount=amount, order_type=OrderType.MARKET,
+            reduce_only=True, system_flatten=system, reason=f"flatten: {reason}",
+        )
+        decision = self._gate().check(intent, equity=self._equity, open_positions=0, has_position=True)
+        if not decision.allowed:
+            log.error("flatten denied", engine=name, symbol=position.symbol, reason=decision.reason)
+            return False
+        result = await part.orders.submit(intent)
+        log.warning("flattened", engine=name, symbol=position.symbol, filled=str(result.filled),
+                    error=result.error)
+        return result.filled >= amount
+
+    @staticmethod
+    async def _cancel_quietly(part: EngineParts, order: Order) -> bool:
+        """Cancel one order; an exchange that does not answer or refuses is logged, not raised, so one
+        order never keeps the others from being cancelled. True when the cancel went through."""
+        try:
+            await part.orders.cancel(order)
+        except _EXCHANGE_TROUBLE as exc:
+            log.error("order not cancelled", engine=part.name, client_order_id=order.client_order_id,
+                      symbol=order.symbol, error=repr(exc))
+            return False
+        return True
 
     def _request_flatten(self, *, system: bool, reason: str) -> asyncio.Task[Any]:
         """Flatten in its own task, so the supervisor tick (and the watchdog ping) never waits on it."""
@@ -688,20 +752,54 @@ class Orchestrator:
         return self._flatten_task
 
     async def _flatten_until_flat(self) -> None:
+        """Pass after pass until nothing is left (or trading is ACTIVE again). The request is kept in the
+        ledger until then, so a crash or a stop in the middle does not leave the rest open: the next start
+        takes it up again (`_resume_flatten`)."""
         interval = self.settings.health_check_interval_seconds
+        saved: tuple[bool, str] | None = None
         while True:
             system, reason = self._flatten_wanted
+            if saved != (system, reason):
+                await self._ledger().set_state(FLATTEN_KEY, {"pending": True, "system": system, "reason": reason})
+                saved = (system, reason)
             remaining = await self.flatten_all(system=system, reason=reason)
             if remaining == 0 or self.trading_state is TradingState.ACTIVE:
+                await self._ledger().set_state(FLATTEN_KEY, {"pending": False, "system": system, "reason": reason})
                 return
             log.warning("positions still open after flatten; trying again", remaining=remaining)
             await self.clock.sleep(interval)
+
+    async def _resume_flatten(self) -> None:
+        """At start-up: a flattening the previous run did not finish goes on. HALTED always flattens
+        (the kill switch closes everything, and its state is saved before the flattening starts, so a
+        crash between the two must not skip it); REDUCING does when its trip asked for it."""
+        state = self.trading_state
+        if state is TradingState.ACTIVE:
+            return
+        saved = await self._ledger().get_state(FLATTEN_KEY) or {}
+        if state is TradingState.HALTED:
+            system, reason = True, str(saved.get("reason") or self._monitor().state.reason or "kill")
+        elif saved.get("pending"):
+            system, reason = bool(saved.get("system")), str(saved.get("reason") or "")
+        else:
+            return
+        held = len(await self._ledger().positions())
+        if held == 0 and not saved.get("pending"):
+            return
+        log.warning("flattening resumed after a restart", trading_state=str(state), positions=held,
+                    reason=reason)
+        self._request_flatten(system=system, reason=reason)
 
     async def _refresh_engine_positions(self, name: str) -> None:
         sup = self.supervisor
         slot = sup.slots.get(name) if sup is not None else None
         if slot is not None and slot.engine is not None:
             await slot.engine.refresh_positions()
+
+    async def _cancel_entries_at_stop(self) -> None:
+        canceled = await self.cancel_entry_orders()
+        if canceled:
+            log.info("pending entry orders canceled", count=canceled)
 
     async def cancel_entry_orders(self) -> int:
         canceled = 0
@@ -712,8 +810,7 @@ class Orchestrator:
             for order in open_orders:
                 if order.reduce_only:
                     continue
-                await part.orders.cancel(order)
-                canceled += 1
+                canceled += await self._cancel_quietly(part, order)
         return canceled
 
     async def _journal_writer(self, sub: Subscription) -> None:
@@ -750,15 +847,15 @@ class Orchestrator:
             if task.get_name() == "supervisor":
                 task.cancel()
         if self.ledger is not None and self.parts and self.gate is not None:
+            # Each step on its own: one that fails (an exchange that does not answer a cancel) must not
+            # cost the others, least of all the final portfolio.
+            await _quietly(self._cancel_entries_at_stop(), "cancel entry orders")
+            await _quietly(self._refresh_books(), "final books")
+            await _quietly(self._persist_progress(), "save progress")
             try:
-                canceled = await self.cancel_entry_orders()
-                if canceled:
-                    log.info("pending entry orders canceled", count=canceled)
-                await self._refresh_books()
-                await self._persist_progress()
                 self._report_portfolio(final=True)
-            except Exception as exc:  # the final report must not stop the flush below
-                log.error("final bookkeeping failed", error=repr(exc), exc_info=exc)
+            except Exception as exc:
+                log.error("final portfolio report failed", error=repr(exc), exc_info=exc)
         try:
             await self.clock.wait_for(self.ops.stop(), 15.0)
         except TimeoutError:
