@@ -27,6 +27,21 @@ from tests.test_orchestrator_control import make, running, until
 NO_ANSWER = "no answer within 10s"
 
 
+class FirstCancelUnanswered:
+    """Replaces the exchange's cancel_order: the first call gets no answer, the rest go through."""
+
+    def __init__(self, exchange: Any) -> None:
+        self.original = exchange.cancel_order
+        self.calls = 0
+        exchange.cancel_order = self
+
+    async def __call__(self, symbol: str, cid: str) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise TemporaryError(f"cancel_order: {NO_ANSWER}")
+        return await self.original(symbol, cid)
+
+
 async def hold_with_stop(orch: Orchestrator) -> None:
     """Wait for a position with its protective stop resting, pause new entries, and stop the paper
     exchange from working its resting orders, so the fast replay cannot fill the stops (and close the
@@ -46,18 +61,7 @@ async def hold_with_stop(orch: Orchestrator) -> None:
 async def test_a_kill_flattens_although_one_cancel_is_not_answered(tmp_path: Path) -> None:
     async with running(make(tmp_path)) as orch:
         await hold_with_stop(orch)
-        exchange: Any = orch.parts["spot"].exchange
-        original = exchange.cancel_order
-        calls = 0
-
-        async def first_unanswered(symbol: str, cid: str) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise TemporaryError(f"cancel_order: {NO_ANSWER}")
-            return await original(symbol, cid)
-
-        exchange.cancel_order = first_unanswered
+        cancels = FirstCancelUnanswered(orch.parts["spot"].exchange)
         result = await orch.kill(by="test")
         assert result.ok
 
@@ -65,6 +69,7 @@ async def test_a_kill_flattens_although_one_cancel_is_not_answered(tmp_path: Pat
             return await orch.ledger.positions() == []  # type: ignore[union-attr]
 
         await until(flat, timeout=10)
+        assert cancels.calls >= 2  # the unanswered cancel was tried again
         assert not orch.crashed
         assert orch.trading_state is TradingState.HALTED
 
@@ -200,24 +205,14 @@ async def test_a_cancel_that_fails_at_shutdown_does_not_cost_the_final_portfolio
                              amount=Decimal("0.001"), order_type=OrderType.LIMIT,
                              price=(ticker.bid / 2).quantize(Decimal("0.01")), notional=Decimal(20))
         assert (await part.orders.submit(intent)).order.state is OrderState.OPEN
-    original = part.exchange.cancel_order
-    calls = 0
-
-    async def first_unanswered(symbol: str, cid: str) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise TemporaryError(f"cancel_order: {NO_ANSWER}")
-        return await original(symbol, cid)
-
-    part.exchange.cancel_order = first_unanswered  # type: ignore[method-assign]
+    cancels = FirstCancelUnanswered(part.exchange)
     orch.request_stop("SIGTERM")
     await asyncio.wait_for(task, 30)
     events = []
     while not sub.queue.empty():
         events.append(sub.queue.get_nowait())
     assert [e for e in events if isinstance(e, PortfolioReported) and e.final], "no final portfolio"
-    assert calls == 2  # the second entry was cancelled all the same
+    assert cancels.calls == 2  # the second entry was cancelled all the same
 
 
 async def test_a_stop_while_start_up_waits_for_prices_is_prompt(tmp_path: Path,
