@@ -211,6 +211,7 @@ class FuturesEngine(BaseEngine):
         if problems:
             raise ConfigError(problems)
         self.params = FuturesParams.from_settings(ctx.settings)
+        self._entry_symbols = frozenset(ctx.settings.futures_symbols)
         p = self.params
         self.cache = CandleCache(candle_source or self._feed_candles, self.clock, concurrency=p.concurrency,
                                  timeout=p.fetch_timeout)
@@ -239,8 +240,11 @@ class FuturesEngine(BaseEngine):
 
     # --- sources -----------------------------------------------------------------------------------
     async def _feed_tickers(self) -> list[Ticker]:
+        """The scanner's universe from the feed: the symbols this engine's settings list. The feed may
+        carry more (a replay shared with the spot engine, a symbol still held but no longer listed),
+        which are not for entries."""
         feed = self.ctx.feed
-        return [t for s in feed.symbols if (t := feed.ticker(s)) is not None]
+        return [t for s in feed.symbols if s in self._entry_symbols and (t := feed.ticker(s)) is not None]
 
     async def _feed_candles(self, symbol: str, timeframe: str, limit: int) -> CandleSeries | None:
         try:
@@ -459,6 +463,8 @@ class FuturesEngine(BaseEngine):
     def _newest_entry_bar(self) -> float | None:
         newest: float | None = None
         for symbol in self.ctx.feed.symbols:
+            if symbol not in self._entry_symbols:
+                continue
             try:
                 series = self.ctx.feed.candles(symbol, ENTRY_TF, limit=1)
             except ValueError:

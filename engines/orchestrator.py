@@ -177,6 +177,8 @@ class Orchestrator:
         self._crashed = False
         self._books_complete = False
         self._balance_failing: set[str] = set()  # engines whose last balance read failed (logged once)
+        self._held_elsewhere: dict[str, list[str]] = {}  # see _find_held_symbols
+        self._risk_waiting = False  # the breaker skipped incomplete books (logged once per spell)
         self._next_report = clock.monotonic() + STATUS_LOG_SECONDS
         self._flatten_task: asyncio.Task[Any] | None = None
         self._flatten_wanted: tuple[bool, str] = (False, "")
@@ -276,6 +278,7 @@ class Orchestrator:
     async def _connect_market(self) -> None:
         s = self.settings
         engines = s.enabled_engines()
+        await self._find_held_symbols(engines)
         symbols = sorted({sym for name in engines for sym in self._symbols_of(name)})
         if self.replay_path is not None:
             files = await asyncio.to_thread(discover_replay_files, self.replay_path)
@@ -378,11 +381,33 @@ class Orchestrator:
         return True
 
     def _symbols_of(self, engine: str) -> list[str]:
+        """The symbols an engine trades (its settings), then those it still holds a position or a resting
+        order in although they are no longer in its settings: priced, reconciled and managed until flat,
+        never entered (see `_find_held_symbols`)."""
         if engine == "spot":
-            return list(self.settings.spot_symbols)
-        if engine == "futures":
-            return list(self.settings.futures_symbols)
-        return []
+            configured = list(self.settings.spot_symbols)
+        elif engine == "futures":
+            configured = list(self.settings.futures_symbols)
+        else:
+            return []
+        return configured + [sym for sym in self._held_elsewhere.get(engine, []) if sym not in configured]
+
+    async def _find_held_symbols(self, engines: list[str]) -> None:
+        """Symbols with a position or a resting order of an engine that its settings no longer list (the
+        owner edited SPOT_SYMBOLS with a trade open): without a price and a market for them the engine
+        could neither exit nor protect the position, and the breaker could not value it."""
+        ledger = self._ledger()
+        for name in engines:
+            configured = set(self.settings.spot_symbols if name == "spot" else self.settings.futures_symbols)
+            held = {p.symbol for p in await ledger.positions(name)}
+            held |= {o.symbol for o in await ledger.orders_in_states(
+                [OrderState.OPEN, OrderState.PARTIALLY_FILLED, OrderState.PENDING, OrderState.UNKNOWN],
+                engine=name)}
+            extra = sorted(held - configured)
+            self._held_elsewhere[name] = extra
+            if extra:
+                log.warning("held in symbols no longer configured: managed until flat, never entered",
+                            engine=name, symbols=extra)
 
     def _replay_base(self, engines: list[str]) -> str:
         """One replay feeds both engines: its step must divide the futures engine's 15m bars."""
@@ -629,8 +654,14 @@ class Orchestrator:
 
     async def _update_risk(self) -> None:
         if not self._books_complete:
-            log.warning("risk check skipped: some held symbols have no price yet")
+            if not self._risk_waiting:  # once per spell, not every tick
+                self._risk_waiting = True
+                log.warning("risk check waits: the books are incomplete (a held symbol without a price, or a "
+                            "balance the exchange did not give)")
             return
+        if self._risk_waiting:
+            self._risk_waiting = False
+            log.info("risk check resumed: the books are complete again")
         await self._apply_transitions(self._monitor().update(self.clock.now(), self._equity_by_engine()))
 
     async def _await_prices(self) -> None:

@@ -45,7 +45,8 @@ class SpotEngine(BaseEngine):
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
         s = ctx.settings
-        self.symbols = list(s.spot_symbols)
+        self.symbols = list(s.spot_symbols)  # entered and exited; a position elsewhere is only exited
+        self._entry_symbols = frozenset(self.symbols)
         self.timeframe = s.spot_timeframe
         self.params = MomentumParams(
             ema_fast=s.spot_ema_fast,
@@ -94,19 +95,28 @@ class SpotEngine(BaseEngine):
         for symbol in self.symbols:
             ticker = self.ctx.feed.ticker(symbol)
             position = self.positions.get(symbol)
-            if position is not None and await self.write_off_dust(position, ticker):
-                position = None
             if position is not None:
-                if ticker is not None:
-                    await self.manage_exit(position, ticker)
-                # A stop refused earlier (or cancelled by hand) is put back, after the exit so that it
-                # never delays one.
-                position = self.positions.get(symbol)
-                if position is not None:
-                    await self.protect(position)
+                await self._manage_held(position, ticker)
                 continue
             await self.consider_entry(symbol, ticker)
+        if not self._entry_symbols.issuperset(self.positions):
+            # Held in a symbol the settings no longer list (the Orchestrator still prices it): exits only.
+            for symbol in [s for s in self.positions if s not in self._entry_symbols]:
+                position = self.positions.get(symbol)
+                if position is not None:
+                    await self._manage_held(position, self.ctx.feed.ticker(symbol))
         self.look_ahead()
+
+    async def _manage_held(self, position: Position, ticker: Ticker | None) -> None:
+        if await self.write_off_dust(position, ticker):
+            return
+        if ticker is not None:
+            await self.manage_exit(position, ticker)
+        # A stop refused earlier (or cancelled by hand) is put back, after the exit so that it never
+        # delays one.
+        current = self.positions.get(position.symbol)
+        if current is not None:
+            await self.protect(current)
 
     def look_ahead(self) -> None:
         """Run the momentum rule's recursions over each symbol's next window but its newest bar now,

@@ -109,7 +109,7 @@ async def make_rig(tmp_path: Path) -> Any:
 
     async def build(side: PositionSide, **overrides: Any) -> Rig:
         clock = SimClock(start=START + 600)
-        settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+        settings = Settings(_env_file=None, **{"futures_symbols": [SYMBOL], **overrides})  # type: ignore[call-arg]
         feed = ScriptedFeed(clock, [SYMBOL])
         ledger = await Ledger.open(tmp_path / f"ledger{len(ledgers)}.sqlite3", clock)
         ledgers.append(ledger)

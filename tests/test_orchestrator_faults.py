@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from core.errors import TemporaryError
 from core.events import PortfolioReported
@@ -147,10 +148,20 @@ async def test_a_balance_read_that_fails_does_not_stop_the_daemon(tmp_path: Path
             return await original()
 
         exchange.fetch_balance = fails_twice
-        await asyncio.sleep(1.0)  # ~20 supervisor ticks
+        with capture_logs() as logs:
+            await asyncio.sleep(1.0)  # ~20 supervisor ticks
         assert calls > 3
         assert not orch.crashed and not orch._stop.is_set()
         assert orch._books_complete  # read again, and the breaker judges it again
+        said = [entry["event"] for entry in logs]
+        # Told once each, not on every tick of the spell.
+        assert said.count("balance unavailable: the breaker waits for it") == 1
+        assert said.count("balance available again") == 1
+        assert [e for e in said if e.startswith("risk check")] == [
+            "risk check waits: the books are incomplete (a held symbol without a price, or a balance the "
+            "exchange did not give)",
+            "risk check resumed: the books are complete again",
+        ]
 
 
 class PingRecorder(SystemdNotifier):
