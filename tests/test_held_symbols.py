@@ -8,22 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.types import OrderState, Side
-from tests.test_orchestrator_control import make, running, until
+from tests.test_orchestrator_control import first_spot_position, make, running, until
 
 SYMBOLS = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
 
 
 async def test_a_position_in_a_symbol_no_longer_configured_is_managed_until_flat(tmp_path: Path) -> None:
     async with running(make(tmp_path)) as orch:
-        ledger = orch.ledger
-        assert ledger is not None
-
-        async def held() -> bool:
-            return bool(await ledger.positions("spot"))
-
-        await until(held, timeout=30)
-        dropped = (await ledger.positions("spot"))[0].symbol
-        known = {o.client_order_id for o in await ledger.recent_orders(10_000)}
+        dropped = (await first_spot_position(orch)).symbol
+        assert orch.ledger is not None
+        known = {o.client_order_id for o in await orch.ledger.recent_orders(10_000)}
 
     kept = [s for s in SYMBOLS if s != dropped]
     async with running(make(tmp_path, spot_symbols=kept)) as again:

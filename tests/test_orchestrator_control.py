@@ -12,7 +12,7 @@ import pytest
 
 from config import load_settings
 from core.clock import LiveClock
-from core.types import TradingState
+from core.types import Position, TradingState
 from engines.orchestrator import Orchestrator
 from storage.ledger import Ledger
 
@@ -44,6 +44,18 @@ async def until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-un
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition not reached in time")
+
+
+async def first_spot_position(orch: Orchestrator, timeout: float = 30.0) -> Position:
+    """The spot engine's first position, once the replay has made it enter."""
+    ledger = orch.ledger
+    assert ledger is not None
+
+    async def held() -> bool:
+        return bool(await ledger.positions("spot"))
+
+    await until(held, timeout=timeout)
+    return (await ledger.positions("spot"))[0]
 
 
 async def test_pause_blocks_entries_and_survives_restart(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from engines.orchestrator import FLATTEN_KEY, RISK_KEY, Orchestrator
 from exchange.replay import ReplayFeed
 from monitoring.systemd import SystemdNotifier
 from storage.ledger import Ledger
-from tests.test_orchestrator_control import make, running, until
+from tests.test_orchestrator_control import first_spot_position, make, running, until
 
 NO_ANSWER = "no answer within 10s"
 
@@ -229,14 +229,7 @@ async def test_a_cancel_that_fails_at_shutdown_does_not_cost_the_final_portfolio
 async def test_a_stop_while_start_up_waits_for_prices_is_prompt(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     async with running(make(tmp_path)) as orch:
-        ledger = orch.ledger
-        assert ledger is not None
-
-        async def held() -> bool:
-            return bool(await ledger.positions("spot"))
-
-        await until(held, timeout=30)
-        symbol = (await ledger.positions("spot"))[0].symbol
+        symbol = (await first_spot_position(orch)).symbol
     real = ReplayFeed.ticker
     monkeypatch.setattr(ReplayFeed, "ticker", lambda self, s: None if s == symbol else real(self, s))
     again = make(tmp_path, startup_stage_timeout_seconds=16)  # start-up waits up to 8 s for the price
