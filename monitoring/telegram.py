@@ -14,7 +14,6 @@ raising, so the daemon trades on and the bot comes up when Telegram does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -283,8 +282,11 @@ class TelegramBot:
         task, self._connect_task = self._connect_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait, not `await task` under suppress(CancelledError): the task's own cancellation
+            # is expected, but a cancellation of stop() itself must still reach its caller.
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("telegram connect task had failed", error=_error_text(task.exception()))
         await self._tear_down()
         log.info("telegram stopped")
 

@@ -518,3 +518,26 @@ async def test_send_message_raises_telegram_errors_for_the_caller(rig: Rig) -> N
         await rig.bot.send_message(OPERATOR, "alert")
     await rig.bot.send_message(OPERATOR, "alert again")
     assert rig.api.sent(OPERATOR) == ["alert again"]
+
+
+async def test_stop_passes_on_its_own_cancellation(fake_api: FakeBotApi) -> None:
+    """stop() cancels the reconnecting task and waits for it; a cancel of stop() itself during that wait
+    (the shutdown's own bound running out) must reach its caller, not be taken for the task's."""
+    bot = make_bot(fake_api, FakeControl(), SimClock(NOW), EventBus())
+    released = asyncio.Event()
+
+    async def slow_to_cancel() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await released.wait()  # cleanup that takes a while
+            raise
+
+    bot._connect_task = asyncio.create_task(slow_to_cancel())
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(bot.stop())
+    await asyncio.sleep(0.05)
+    stopping.cancel()
+    released.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(stopping, 5)
