@@ -285,8 +285,9 @@ class TelegramBot:
             # asyncio.wait, not `await task` under suppress(CancelledError): the task's own cancellation
             # is expected, but a cancellation of stop() itself must still reach its caller.
             await asyncio.wait({task})
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("telegram connect task had failed", error=_error_text(task.exception()))
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None:
+                log.warning("telegram connect task had failed", error=_error_text(failure))
         await self._tear_down()
         log.info("telegram stopped")
 
