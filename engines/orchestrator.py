@@ -213,17 +213,32 @@ class Orchestrator:
             await self._shutdown()
 
     # --- start-up --------------------------------------------------------------------------------
-    async def _stage(self, name: str, make: Callable[[], Awaitable[T]]) -> T:
+    async def _stage(self, name: str, make: Callable[[], Awaitable[T]], *, stoppable: bool = True) -> T:
+        """One start-up stage, bounded by the stage timeout. A stop requested meanwhile (SIGTERM) ends it
+        at once: the stage is cancelled, which every stage can take (the next start does it again), and
+        the daemon shuts down instead of waiting up to the timeout for the stage to finish. Not the
+        ledger's opening (`stoppable=False`), which is quick and must not be left half done."""
         if self._stop.is_set():
             raise StartupAborted(f"stop requested before start-up stage '{name}'")
         timeout = self.settings.startup_stage_timeout_seconds
         started = self.clock.monotonic()
         log.info("start-up stage", stage=name)
         self.ops.starting(name)
+        work = asyncio.ensure_future(make())
+        stop = asyncio.ensure_future(self._stop.wait() if stoppable else asyncio.Event().wait())
         try:
-            result = await self.clock.wait_for(make(), timeout)
+            await self.clock.wait_for(asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED), timeout)
         except TimeoutError:
             raise StartupError(f"start-up stage '{name}' did not finish within {timeout:g}s") from None
+        finally:
+            for task in (work, stop):
+                if not task.done():
+                    task.cancel()
+            await asyncio.wait({work, stop})
+        if work.cancelled():
+            raise StartupAborted(f"stop requested during start-up stage '{name}'")
+        try:
+            result = work.result()
         except KineticError as exc:
             raise StartupError(f"start-up stage '{name}' failed: {exc}") from exc
         log.info("start-up stage done", stage=name, seconds=round(self.clock.monotonic() - started, 3))
@@ -254,7 +269,7 @@ class Orchestrator:
             log.warning("LIVE TRADING: REAL MONEY, REAL ORDERS ON BINANCE", mode="LIVE")
         elif s.trading_mode == "testnet":
             log.warning("testnet mode: Binance demo trading endpoints", mode="testnet")
-        self.ledger = await self._stage("ledger", self._open_ledger)
+        self.ledger = await self._stage("ledger", self._open_ledger, stoppable=False)
         self._journal_sub = self.bus.subscribe("journal", maxsize=50_000)
         self._own(self._journal_writer(self._journal_sub), "journal")
         await self._stage("market connection", self._connect_market)

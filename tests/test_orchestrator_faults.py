@@ -244,3 +244,24 @@ async def test_a_stop_while_start_up_waits_for_prices_is_prompt(tmp_path: Path,
     with pytest.raises(Exception, match="stop requested"):
         await asyncio.wait_for(task, 30)
     assert time.monotonic() - asked < 3.0
+
+
+async def test_a_stop_during_any_start_up_stage_is_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Live, a stage can take up to STARTUP_STAGE_TIMEOUT_SECONDS (reconciliation against a slow
+    exchange); SIGTERM meanwhile must not wait for it."""
+    entered = asyncio.Event()
+
+    async def slow_reconciliation(self: Orchestrator) -> None:
+        entered.set()
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(Orchestrator, "_reconcile", slow_reconciliation)
+    orch = make(tmp_path, startup_stage_timeout_seconds=60)
+    task = asyncio.ensure_future(orch.run())
+    await asyncio.wait_for(entered.wait(), 30)
+    asked = time.monotonic()
+    orch.request_stop("SIGTERM")
+    with pytest.raises(Exception, match="stop requested during start-up stage 'reconciliation'"):
+        await asyncio.wait_for(task, 30)
+    assert time.monotonic() - asked < 3.0
+    assert not orch.crashed
