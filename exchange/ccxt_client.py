@@ -615,9 +615,10 @@ class CcxtExchange:
                         client_order_id=request.client_order_id)
             try:
                 return await self.fetch_order(request.symbol, request.client_order_id)
-            except TemporaryError as exc:
-                # The order exists: a rate limit or clock skew while reading it back must not pass for
-                # a refusal of the send (the order manager rejects those at once, without looking).
+            except KineticError as exc:
+                # The order exists: nothing that stops us reading it back (a rate limit, clock skew, a
+                # read that lags the send and says -2013, a refused key) may pass for a refusal of the
+                # send, which the order manager settles as REJECTED at once, without looking.
                 raise self._send_unknown(request, sym, f"placed, but could not be read ({exc})") from exc
         except (RateLimited, ClockSkew) as exc:
             # Refused before anything happened: the order does not exist. Not retried here either;
@@ -632,9 +633,10 @@ class CcxtExchange:
                 return self._algo_waiting_update(raw, request.symbol)
             update = self._order_update(_answer(raw, "order"), request.symbol)
             return await self._with_fills(update, request.symbol) if _lacks_fills(update) else update
-        except TemporaryError as exc:
-            # The exchange answered, but the answer or the fills could not be read: the order may well
-            # exist, so the caller resolves it by client id exactly as for a lost answer.
+        except KineticError as exc:
+            # The exchange accepted the order, but the answer or its fills could not be read (whatever
+            # the reason: a lost answer, a refused read, a read that lags the send): the order exists,
+            # so the caller resolves it by client id exactly as for a lost answer, never as a refusal.
             raise self._send_unknown(request, sym, f"answer could not be read ({exc})") from exc
 
     async def _place(self, sym: str, side: str, prepared: _Prepared) -> Any:

@@ -504,3 +504,63 @@ async def test_fake_serves_klines_in_binance_shape(fake: FakeBinance) -> None:
             opens = [r[0] for r in rows]
             assert opens == sorted(opens) and {b - a for a, b in itertools.pairwise(opens)} == {300_000}
             assert all(Decimal(r[3]) <= Decimal(r[4]) <= Decimal(r[2]) for r in rows)  # low <= close <= high
+
+
+# --- a placed order is never reported as refused ------------------------------------------------------
+
+
+async def _futures_client(fake: FakeBinance) -> CcxtExchange:
+    client = CcxtExchange(MarketType.FUTURES, LiveClock(), api_key=API_KEY, api_secret=API_SECRET,
+                          mode="testnet", timeout_seconds=0.5, urls_override=fake.url, max_retries=2,
+                          backoff_base_seconds=0.01, backoff_max_seconds=0.02, rng=random.Random(3))
+    await client.load_markets()
+    return client
+
+
+def _futures_buy(cid: str) -> OrderRequest:
+    return OrderRequest(client_order_id=cid, symbol="BTC/USDT", side=Side.BUY, order_type=OrderType.MARKET,
+                        amount=Decimal("0.002"), price=Decimal("60000"))
+
+
+_REFUSED_KEY = {"code": -2015, "status": 401, "msg": "Invalid API-key, IP, or permissions for action."}
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param({"count": 3, **_REFUSED_KEY}, id="refused-key"),
+    pytest.param({"code": -1121, "msg": "Invalid symbol."}, id="unmapped-400"),
+])
+@bounded(10)
+async def test_a_placed_order_whose_fills_cannot_be_read_is_unknown_not_refused(fault: dict[str, Any]) -> None:
+    """Futures answers carry no fills, so the client reads them after the send. Whatever stops that
+    read, the order is on the exchange: the outcome is unknown (resolved by client id), never a
+    refusal, which the order manager would settle as REJECTED while the order had FILLED."""
+    async with FakeBinance() as fake:
+        client = await _futures_client(fake)
+        try:
+            await client.fetch_balance()  # the key has worked
+            fake.inject("error", path="/fapi/v1/userTrades", **fault)
+            with pytest.raises(SendOutcomeUnknown):
+                await client.create_order(_futures_buy("kf-lost"))
+            assert fake.orders_by_client_id["kf-lost"].status == "FILLED"
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param({"code": -2013, "msg": "Order does not exist."}, id="read-back-lags"),
+    pytest.param({"code": -1121, "msg": "Invalid symbol."}, id="unmapped-400"),
+])
+@bounded(10)
+async def test_a_duplicate_answer_whose_read_back_fails_is_unknown_not_refused(fault: dict[str, Any]) -> None:
+    """'Duplicate order sent' proves the order exists; a read-back that fails (or lags the send and says
+    it does not exist) must not turn it into a refusal."""
+    async with FakeBinance() as fake:
+        client = await _futures_client(fake)
+        try:
+            fake.inject("duplicate", path="/order", method="POST")
+            fake.inject("error", path="/fapi/v1/order", method="GET", **fault)
+            with pytest.raises(SendOutcomeUnknown):
+                await client.create_order(_futures_buy("kf-dup"))
+            assert fake.orders_by_client_id["kf-dup"].status == "FILLED"
+        finally:
+            await client.close()
