@@ -148,6 +148,10 @@ _MAX_TRADE_PAGES = 10
 # beyond this many entries the oldest half is forgotten, so a long-running daemon does not grow.
 _MEMO_LIMIT = 20_000
 _TRADE_PAGE = 1000
+# USD-M answers userTrades for at most 7 days per request (ccxt caps an older startTime at startTime + 7
+# days by itself), so a longer window is read a week at a time; this many requests at most (about 4 years).
+_FUTURES_TRADE_WINDOW_MS = 7 * 86_400_000
+_MAX_TRADE_REQUESTS = 200
 
 
 @dataclass(slots=True)
@@ -1039,20 +1043,10 @@ class CcxtExchange:
         caller to fill in."""
         self._require_private("fetch_my_trades")
         sym = self._resolve(symbol)
-        raws: list[dict[str, Any]] = []
-        seen: set[int] = set()
-        params: dict[str, Any] = {}
-        start = int(since * 1000) if since is not None else None
-        for _ in range(_MAX_TRADE_PAGES):
-            page, ids = await self._read("fetch_my_trades", partial(self._trade_page, sym, start, dict(params)))
-            fresh = [t for t, i in zip(page, ids, strict=True) if i not in seen]
-            seen.update(ids)
-            raws.extend(fresh)
-            if len(page) < _TRADE_PAGE or not fresh:
-                break
-            # Next page by trade id: startTime and fromId cannot be combined.
-            start = None
-            params = {"fromId": max(ids) + 1}
+        if since is not None and self.market_type is MarketType.FUTURES:
+            raws = await self._futures_trade_rows(sym, int(since * 1000))
+        else:
+            raws = await self._trade_rows(sym, None if since is None else int(since * 1000))
         fills: list[Fill] = []
         for raw in raws:
             info = _info(raw, "trade")
@@ -1066,6 +1060,42 @@ class CcxtExchange:
             fills.append(self._trade_fill(info, symbol, cid, self._reduce_only.get(cid, False)))
         fills.sort(key=lambda f: (f.ts, f.trade_id))
         return fills
+
+    async def _trade_rows(self, sym: str, start: int | None) -> list[dict[str, Any]]:
+        """Trades from `start` (ms; the most recent without it), a page after another by trade id."""
+        raws: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        params: dict[str, Any] = {}
+        for _ in range(_MAX_TRADE_PAGES):
+            page, ids = await self._read("fetch_my_trades", partial(self._trade_page, sym, start, dict(params)))
+            fresh = [t for t, i in zip(page, ids, strict=True) if i not in seen]
+            seen.update(ids)
+            raws.extend(fresh)
+            if len(page) < _TRADE_PAGE or not fresh:
+                break
+            # Next page by trade id: startTime and fromId cannot be combined.
+            start = None
+            params = {"fromId": max(ids) + 1}
+        return raws
+
+    async def _futures_trade_rows(self, sym: str, start: int) -> list[dict[str, Any]]:
+        """USD-M trades from `start` (ms) to now, a week at a time (see _FUTURES_TRADE_WINDOW_MS): with
+        only a start, a quiet first week would end the walk and every later fill would be missed. Within
+        a week a full page is followed from its newest trade's time (repeats are dropped by id)."""
+        now = int(self.clock.now() * 1000)
+        raws: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for _ in range(_MAX_TRADE_REQUESTS):
+            if start > now:
+                return raws
+            end = min(start + _FUTURES_TRADE_WINDOW_MS - 1, now)
+            page, ids = await self._read("fetch_my_trades", partial(self._trade_page, sym, start, {"endTime": end}))
+            fresh = [t for t, i in zip(page, ids, strict=True) if i not in seen]
+            seen.update(ids)
+            raws.extend(fresh)
+            newest = max((int(_info(t, "trade").get("time") or 0) for t in page), default=start)
+            start = newest if len(page) >= _TRADE_PAGE and fresh and newest > start else end + 1
+        raise DependencyError(f"{sym}: more trade history since the start than {_MAX_TRADE_REQUESTS} requests read")
 
     async def _trade_page(
         self, sym: str, start: int | None, params: dict[str, Any]

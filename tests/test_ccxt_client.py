@@ -564,3 +564,23 @@ async def test_a_duplicate_answer_whose_read_back_fails_is_unknown_not_refused(f
             assert fake.orders_by_client_id["kf-dup"].status == "FILLED"
         finally:
             await client.close()
+
+
+@bounded(10)
+async def test_futures_trades_since_more_than_a_week_ago_include_the_latest() -> None:
+    """USD-M answers at most a week of trades per request. Reconciliation can ask from further back (its
+    window starts at the oldest unsettled order, e.g. a protective stop resting for 8 days); a quiet
+    first week must not end the walk before today's fills."""
+    async with FakeBinance() as fake:
+        client = await _futures_client(fake)
+        try:
+            placed = await client.create_order(_futures_buy("kf-t"))
+            assert placed.fills
+            trades = await client.fetch_my_trades("BTC/USDT", since=client.clock.now() - 8 * 86_400)
+            assert [f.client_order_id for f in trades] == ["kf-t"]
+            windows = [(int(c.params["startTime"]), int(c.params["endTime"]))
+                       for c in fake.calls("/fapi/v1/userTrades") if "startTime" in c.params]
+            assert len(windows) == 2 and all(end - start < 7 * 86_400_000 for start, end in windows)
+            assert windows[1][0] == windows[0][1] + 1  # one after the other, nothing left between
+        finally:
+            await client.close()
