@@ -225,16 +225,15 @@ class Orchestrator:
         log.info("start-up stage", stage=name)
         self.ops.starting(name)
         work = asyncio.ensure_future(make())
-        stop = asyncio.ensure_future(self._stop.wait() if stoppable else asyncio.Event().wait())
+        waits = {work, asyncio.ensure_future(self._stop.wait())} if stoppable else {work}
         try:
-            await self.clock.wait_for(asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED), timeout)
+            await self.clock.wait_for(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), timeout)
         except TimeoutError:
             raise StartupError(f"start-up stage '{name}' did not finish within {timeout:g}s") from None
         finally:
-            for task in (work, stop):
-                if not task.done():
-                    task.cancel()
-            await asyncio.wait({work, stop})
+            for task in waits:
+                task.cancel()
+            await asyncio.wait(waits)
         if work.cancelled():
             raise StartupAborted(f"stop requested during start-up stage '{name}'")
         try:
@@ -399,13 +398,15 @@ class Orchestrator:
         """The symbols an engine trades (its settings), then those it still holds a position or a resting
         order in although they are no longer in its settings: priced, reconciled and managed until flat,
         never entered (see `_find_held_symbols`)."""
-        if engine == "spot":
-            configured = list(self.settings.spot_symbols)
-        elif engine == "futures":
-            configured = list(self.settings.futures_symbols)
-        else:
-            return []
+        configured = self._configured_symbols(engine)
         return configured + [sym for sym in self._held_elsewhere.get(engine, []) if sym not in configured]
+
+    def _configured_symbols(self, engine: str) -> list[str]:
+        if engine == "spot":
+            return list(self.settings.spot_symbols)
+        if engine == "futures":
+            return list(self.settings.futures_symbols)
+        return []
 
     async def _find_held_symbols(self, engines: list[str]) -> None:
         """Symbols with a position or a resting order of an engine that its settings no longer list (the
@@ -413,7 +414,7 @@ class Orchestrator:
         could neither exit nor protect the position, and the breaker could not value it."""
         ledger = self._ledger()
         for name in engines:
-            configured = set(self.settings.spot_symbols if name == "spot" else self.settings.futures_symbols)
+            configured = set(self._configured_symbols(name))
             held = {p.symbol for p in await ledger.positions(name)}
             held |= {o.symbol for o in await ledger.orders_in_states(
                 [OrderState.OPEN, OrderState.PARTIALLY_FILLED, OrderState.PENDING, OrderState.UNKNOWN],
@@ -587,7 +588,7 @@ class Orchestrator:
         sup = self._supervisor()
         interval = self.settings.health_check_interval_seconds
         books: asyncio.Task[None] | None = None
-        slow_since: float | None = None  # a read has been running past a tick since then (logged once)
+        slow_logged = False  # a read has run past a tick (logged once per spell)
         try:
             while not self._stop.is_set():
                 if self._feed_died() or self._ledger_refused_a_sent_order():
@@ -600,11 +601,11 @@ class Orchestrator:
                     with contextlib.suppress(TimeoutError):
                         await self.clock.wait_for(asyncio.shield(books), interval)
                 if books.done():
-                    done, books, slow_since = books, None, None
+                    done, books, slow_logged = books, None, False
                     done.result()  # (what it raises is a broken invariant: the supervisor dies of it)
                     await self._update_risk()
-                elif slow_since is None:
-                    slow_since = self.clock.monotonic()
+                elif not slow_logged:
+                    slow_logged = True
                     log.warning("books not read within a supervisor tick: the exchange is slow; the breaker "
                                 "judges the next complete read", waited_seconds=interval)
                 await self._persist_progress()
@@ -685,7 +686,7 @@ class Orchestrator:
         while True:
             missing = sorted({p.symbol for name in self.parts for p in await self._ledger().positions(name)
                               if self.feeds[name].ticker(p.symbol) is None})
-            if not missing or self.clock.monotonic() >= deadline or self._stop.is_set():
+            if not missing or self.clock.monotonic() >= deadline:
                 break
             await self.clock.sleep(0.1)
         if missing:
