@@ -41,6 +41,9 @@ class DaemonStarted(Event):
     mode: str
     engines: tuple[str, ...]
     equity: Decimal
+    # The breaker as start-up left it: a restart may come up REDUCING or HALTED, which the owner must see.
+    trading_state: TradingState = TradingState.ACTIVE
+    state_reason: str = ""
 
 
 @value_type(kw_only=True)
@@ -187,6 +190,15 @@ class TradingStateChanged(Event):
     new: TradingState
     reason: str
     until: float | None
+
+
+@value_type(kw_only=True)
+class RiskRebased(Event):
+    """The breaker's baselines started again from `equity` for a reason other than a person's command
+    (the set of engines changed between runs)."""
+
+    reason: str
+    equity: Decimal
 
 
 @value_type(kw_only=True)

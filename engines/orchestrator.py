@@ -22,7 +22,7 @@ import structlog
 
 from config import TIMEFRAME_SECONDS, Settings
 from core.clock import Clock
-from core.errors import DependencyError, KineticError, OperationalError, TemporaryError
+from core.errors import ConfigError, DependencyError, KineticError, OperationalError, TemporaryError
 from core.events import (
     DaemonStarted,
     DaemonStopping,
@@ -30,6 +30,7 @@ from core.events import (
     Event,
     EventBus,
     PortfolioReported,
+    RiskRebased,
     Subscription,
     TradingStateChanged,
 )
@@ -103,8 +104,13 @@ class StartupAborted(KineticError):
 def lock_data_dir(data_dir: Path) -> Any:
     """An exclusive advisory lock on DATA_DIR/daemon.lock, held for the life of the process (the OS
     drops it if the process dies, so a SIGKILL never leaves it stale)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = (data_dir / "daemon.lock").open("a+")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = (data_dir / "daemon.lock").open("a+")
+    except OSError as exc:  # a file in its place, no permission, a read-only or full disk
+        raise OperationalError(
+            f"DATA_DIR={data_dir} cannot be used: {exc.strerror or exc} ({exc.filename or data_dir})"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -145,6 +151,10 @@ class Orchestrator:
         notifier: SystemdNotifier | None = None,
         telegram_base_url: str | None = None,
     ) -> None:
+        if replay_path is not None and settings.trading_mode != "paper":
+            # The prices would be recorded ones and the orders real (main.py refuses it first).
+            raise ConfigError([f"TRADING_MODE={settings.trading_mode}: a replay trades on recorded prices "
+                               f"and runs only with TRADING_MODE=paper"])
         self.settings = settings
         self.clock = clock
         self.replay_path = replay_path
@@ -278,8 +288,10 @@ class Orchestrator:
         await self._stage("supervisor", self._start_supervisor)
         await self._stage("operations", lambda: self.ops.start(self))
         await self._refresh_books()
-        self.bus.publish(DaemonStarted(ts=self.clock.now(), mode=self.mode,
-                                       engines=tuple(self.parts), equity=self._equity))
+        risk = self._monitor().state
+        self.bus.publish(DaemonStarted(ts=self.clock.now(), mode=self.mode, engines=tuple(self.parts),
+                                       equity=self._equity, trading_state=risk.trading_state,
+                                       state_reason=risk.reason))
         log.info("daemon started", mode=self.mode, engines=list(self.parts), equity=str(self._equity),
                  trading_state=str(self.trading_state))
         self.ops.ready(f"trading {self.trading_state.value}: {', '.join(self.parts)}")
@@ -678,7 +690,18 @@ class Orchestrator:
         if self._risk_waiting:
             self._risk_waiting = False
             log.info("risk check resumed: the books are complete again")
-        await self._apply_transitions(self._monitor().update(self.clock.now(), self._equity_by_engine()))
+        by_engine = self._equity_by_engine()
+        change = self._monitor().engine_change(by_engine)
+        if change is not None:
+            before, now = change
+            detail = (f"engines were {', '.join(before) or 'none'}, now {', '.join(now) or 'none'}: the "
+                      f"breaker's baselines start again from equity {self._equity}")
+            log.warning("breaker re-based: the engines changed", before=list(before), now=list(now),
+                        equity=str(self._equity))
+            self.bus.publish(RiskRebased(ts=self.clock.now(), reason=detail, equity=self._equity))
+        await self._apply_transitions(self._monitor().update(self.clock.now(), by_engine))
+        if change is not None:
+            await self._persist_risk()
 
     async def _await_prices(self) -> None:
         """At start-up, give the market feed a bounded moment to price every held position."""
@@ -1081,6 +1104,9 @@ class Orchestrator:
         if mon.trading_state is TradingState.HALTED:
             if target != "all":
                 return CommandResult(False, "trading is HALTED (killed); only /resume all lifts it")
+            refused = self._rebase_refused("resume")
+            if refused is not None:
+                return refused
             t = mon.resume(self.clock.now(), self._equity)
             if t is not None:
                 await self._apply_transitions([t])
@@ -1112,12 +1138,29 @@ class Orchestrator:
                              day_start_equity=st.day_start_equity, peak_equity=st.peak_equity)
 
     async def breaker_reset(self, by: str) -> CommandResult:
+        if self._monitor().trading_state is not TradingState.REDUCING:
+            return CommandResult(False, f"breaker not tripped (state {self.trading_state})")
+        refused = self._rebase_refused("reset the breaker")
+        if refused is not None:
+            return refused
         t = self._monitor().reset_breaker(self.clock.now(), self._equity)
         if t is None:
             return CommandResult(False, f"breaker not tripped (state {self.trading_state})")
         await self._apply_transitions([t])
         log.warning("breaker reset", by=by)
         return CommandResult(True, "breaker reset: trading ACTIVE")
+
+    def _rebase_refused(self, what: str) -> CommandResult | None:
+        """A resume or a breaker reset re-bases the breaker on today's equity, so it needs the whole of
+        it: on one engine's book alone (the other's balance not read yet) or without a price for a held
+        position, the new baseline would be too low and the limits would trip far too late, or never."""
+        if self._books_complete and self._equity > 0:
+            return None
+        missing = sorted(self._balance_failing | (set(self.parts) - set(self.books)))
+        why = (f"no balance yet from {', '.join(missing)}" if missing
+               else "a held position has no price yet")
+        return CommandResult(False, f"cannot {what} yet: the books are incomplete ({why}) and the breaker "
+                                    f"would re-base on a wrong equity; try again in a minute")
 
     async def kill(self, by: str) -> CommandResult:
         t = self._monitor().kill(self.clock.now(), f"kill by {by}")

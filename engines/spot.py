@@ -180,6 +180,8 @@ class SpotEngine(BaseEngine):
         reason = self.exit_reason(position, ticker.bid)
         if reason is None:
             return
+        if not self.ctx.gate.engine_exits_pass():
+            return  # HALTED: the Orchestrator's flattening sells; the stop stays until it does
         # The cancelled stops' ledger writes run behind the exit's own order row (see cancel_stop) and
         # are waited for once the exit has gone out, whatever happened to it.
         records: list[Awaitable[object]] = []

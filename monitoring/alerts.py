@@ -36,6 +36,7 @@ from core.events import (
     PortfolioReported,
     PositionClosed,
     ReconciliationFinding,
+    RiskRebased,
     Subscription,
     TradingStateChanged,
 )
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("alerts")
 
+# Alert-worthy events waiting for the sender at most; beyond it they are counted as dropped.
+ALERT_QUEUE = 1000
 TELEGRAM_MAX_CHARS = 4096
 
 SendFn = Callable[[int, str], Awaitable[None]]
@@ -149,7 +152,11 @@ def format_event(event: Event) -> str | None:
     match event:
         case DaemonStarted():
             engines = ", ".join(event.engines) or "none"
-            return f"🚀 Kinetic Empire started ({event.mode}) · engines: {engines} · equity {fmt_money(event.equity)}"
+            line = f"🚀 Kinetic Empire started ({event.mode}) · engines: {engines} · equity {fmt_money(event.equity)}"
+            if event.trading_state is TradingState.ACTIVE:
+                return line
+            reason = f": {event.state_reason}" if event.state_reason else ""
+            return f"{line}\n⚠️ Trading {_state_word(event.trading_state)}{reason}"
         case DaemonStopping():
             return f"⏹ Kinetic Empire stopping: {event.reason}"
         case PortfolioReported(final=True):
@@ -193,6 +200,8 @@ def format_event(event: Event) -> str | None:
             )
         case ReconciliationFinding():
             return f"🔍 Reconciliation {event.engine}: {event.finding} — {event.detail}"
+        case RiskRebased():
+            return f"⚖️ Circuit breaker re-based: {event.reason}"
     return None
 
 
@@ -331,6 +340,7 @@ _ALWAYS_ON: frozenset[type[Event]] = frozenset(
         EngineFailed,
         TradingStateChanged,
         ReconciliationFinding,
+        RiskRebased,
     }
 )
 
@@ -477,7 +487,7 @@ class AlertSender:
         chat_ids: Sequence[int],
         clock: Clock,
         *,
-        max_queue: int = 1000,
+        max_queue: int = ALERT_QUEUE,
         coalesce_seconds: float = 1.0,
         max_message_chars: int = 4000,
         settings: AlertSettings | None = None,

@@ -16,8 +16,8 @@ import structlog
 
 from config import Settings
 from core.clock import Clock
-from core.events import EventBus
-from monitoring.alerts import AlertSender, AlertSettings
+from core.events import EventBus, Subscription
+from monitoring.alerts import ALERT_QUEUE, AlertSender, AlertSettings
 from monitoring.control import Control, StatusReport
 from monitoring.looplag import LoopLagMonitor
 from monitoring.systemd import SystemdNotifier
@@ -50,6 +50,13 @@ class Operations:
         self.http: HealthServer | None = None
         self.bot: TelegramBot | None = None
         self.alerts: AlertSender | None = None
+        # Alerts are listened for from here on, before the first start-up stage: the risk state stage
+        # may trip the breaker or the kill switch (a loss while the daemon was down), and the
+        # reconciliation reports what it found, long before Telegram is up to send it.
+        self._alert_sub: Subscription | None = None
+        if settings.telegram_bot_token is not None:
+            self._alert_sub = bus.subscribe("alerts", maxsize=ALERT_QUEUE,
+                                            kinds=AlertSettings.from_settings(settings).kinds)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _own(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
@@ -99,9 +106,10 @@ class Operations:
             self.bot = bot
             await bot.start()  # never raises: retries in the background when Telegram is unreachable
             sender = AlertSender(bot.send_message, s.telegram_chat_ids, self.clock,
-                                 settings=AlertSettings.from_settings(s))
+                                 settings=AlertSettings.from_settings(s), max_queue=ALERT_QUEUE)
             self.alerts = sender
-            self._own(sender.run(sender.subscribe(self.bus)), "alerts")
+            subscription = self._alert_sub if self._alert_sub is not None else sender.subscribe(self.bus)
+            self._own(sender.run(subscription), "alerts")
             self._own(sender.run_daily_summary(control), "daily-summary")
 
     def ready(self, status: str) -> None:
@@ -139,3 +147,5 @@ class Operations:
             await self.http.stop()
         if self.looplag is not None:
             self.looplag.stop()
+        if self._alert_sub is not None and self.alerts is None:
+            self.bus.unsubscribe(self._alert_sub)  # start-up ended before Telegram: nobody reads it

@@ -75,6 +75,12 @@ class RiskGate:
     def is_paused(self, engine: str) -> bool:
         return engine in self._paused
 
+    def engine_exits_pass(self) -> bool:
+        """False while HALTED: only the system's flattening trades then, so an engine must not start an
+        exit of its own. Its first step (cancelling the protective stop) would pass, the sell and the
+        stop's replacement would not, and the position would be left with no stop at all."""
+        return self._monitor.trading_state is not _HALTED
+
     def check(
         self, intent: OrderIntent, *, equity: Decimal, open_positions: int, has_position: bool
     ) -> GateDecision:

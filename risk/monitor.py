@@ -56,6 +56,10 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _names(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(sorted(str(v) for v in value))
+
+
 @dataclass(slots=True)
 class RiskState:
     """Everything the breaker must remember across a restart.
@@ -74,6 +78,8 @@ class RiskState:
     peak_equity: Decimal | None = None
     tripped_at: float | None = None
     trip: str = ""
+    # The engines whose equity the baselines add up (None: not known, a snapshot from before it was kept).
+    engines: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: Decimals as strings (exact), the state as its value."""
@@ -84,6 +90,8 @@ class RiskState:
                 value = str(value)
             elif isinstance(value, TradingState):
                 value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
             out[f.name] = value
         return out
 
@@ -100,6 +108,7 @@ class RiskState:
             peak_equity=_dec(data.get("peak_equity")),
             tripped_at=_float(data.get("tripped_at")),
             trip=str(data.get("trip", "")),
+            engines=_names(data.get("engines")),
         )
 
 
@@ -116,6 +125,13 @@ class Transition:
     reason: str
     until: float | None
     flatten: bool = False
+
+
+def _check_base(equity: Decimal) -> None:
+    """A re-base needs a real account value: with a base of zero or less no loss ever reaches a limit, so
+    the daily limit (for the day) or the kill switch (until the next resume) would be off in silence."""
+    if not equity.is_finite() or equity <= 0:
+        raise ValueError(f"equity must be a positive number to re-base the breaker on, got {equity}")
 
 
 def _reached(loss: Decimal, limit_pct: Decimal, base: Decimal | None) -> bool:
@@ -174,6 +190,7 @@ class GlobalRiskMonitor:
         equity = sum(equity_by_engine.values(), ZERO)
         if not equity.is_finite():
             raise ValueError(f"equity must be finite, got {equity}")
+        self._rebase_on_engine_change(now, equity_by_engine)
         self._track(now, equity)
         s = self._s
         if s.trading_state is TradingState.HALTED:
@@ -191,6 +208,27 @@ class GlobalRiskMonitor:
             return []
         kind, reason = trip
         return [self._trip(now, kind, reason, flatten=self._limits.flatten_on_trip)]
+
+    def engine_change(self, equity_by_engine: Mapping[str, Decimal]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(before, now) when these engines are not the ones the baselines were measured on, which the
+        next `update` re-bases for; None otherwise. For the caller to tell the owner."""
+        before = self._s.engines
+        names = tuple(sorted(equity_by_engine))
+        if before is None or before == names or self._s.initial_equity is None:
+            return None
+        return before, names
+
+    def _rebase_on_engine_change(self, now: float, equity_by_engine: Mapping[str, Decimal]) -> None:
+        """An engine turned off (or on) takes its wallet out of (or into) the measured equity. That is
+        neither a loss nor a gain: left alone, turning futures off would read as losing its share and
+        could fire the kill switch and flatten everything. The baselines start again from this equity,
+        as a resume does; the trading state, a cooldown and a halt stay as they are."""
+        names = tuple(sorted(equity_by_engine))
+        if self.engine_change(equity_by_engine) is not None:
+            equity = sum(equity_by_engine.values(), ZERO)
+            self._rebase(now, equity)
+            self._s.initial_equity = equity
+        self._s.engines = names
 
     def _track(self, now: float, equity: Decimal) -> None:
         s = self._s
@@ -293,8 +331,7 @@ class GlobalRiskMonitor:
         """
         if self._s.trading_state is TradingState.ACTIVE:
             return None
-        if not equity.is_finite():
-            raise ValueError(f"equity must be finite, got {equity}")
+        _check_base(equity)
         self._rebase(now, equity)
         self._s.initial_equity = equity
         return self._activate("resumed manually")
@@ -306,7 +343,6 @@ class GlobalRiskMonitor:
         """
         if self._s.trading_state is not TradingState.REDUCING:
             return None
-        if not equity.is_finite():
-            raise ValueError(f"equity must be finite, got {equity}")
+        _check_base(equity)
         self._rebase(now, equity)
         return self._activate("breaker reset manually")

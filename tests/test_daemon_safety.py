@@ -13,7 +13,7 @@ import pytest
 
 from config import load_settings
 from core.clock import LiveClock
-from core.errors import OperationalError
+from core.errors import ConfigError, OperationalError
 from core.types import MarketType, OrderIntent, OrderState, OrderType, Side
 from engines.orchestrator import Orchestrator, StartupError, lock_data_dir
 from storage.ledger import Ledger
@@ -185,3 +185,17 @@ async def test_order_send_outlives_a_cancelled_caller_and_reduce_only_is_clamped
     finally:
         orch.request_stop("test over")
         await asyncio.wait_for(task, 30)
+
+
+def test_a_data_dir_that_cannot_be_used_is_a_clear_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "var"
+    not_a_dir.write_text("a file where DATA_DIR should be")
+    with pytest.raises(OperationalError, match=r"DATA_DIR=.*cannot be used"):
+        lock_data_dir(not_a_dir)
+
+
+@pytest.mark.parametrize("mode", ["testnet", "live"])
+def test_a_replay_never_runs_against_a_real_exchange(tmp_path: Path, mode: str) -> None:
+    """Recorded prices and real orders: the Orchestrator refuses the pair whoever builds it."""
+    with pytest.raises(ConfigError, match=r"TRADING_MODE=.*paper"):
+        make(tmp_path, trading_mode=mode, binance_api_key="k" * 16, binance_api_secret="s" * 16)

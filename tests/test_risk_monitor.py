@@ -34,11 +34,9 @@ def limits(**kw: object) -> RiskLimits:
     return RiskLimits(**base)  # type: ignore[arg-type]
 
 
-def eq(total: str | Decimal, split: bool = False) -> dict[str, Decimal]:
-    value = D(total)
-    if split:
-        return {"spot": value / 2, "futures": value - value / 2}
-    return {"spot": value}
+def eq(total: str | Decimal) -> dict[str, Decimal]:
+    """Both engines' equity, all of it in spot (the breaker judges the sum)."""
+    return {"spot": D(total), "futures": D(0)}
 
 
 def started(lim: RiskLimits | None = None, equity: str = "10000", at: float = NOON) -> GlobalRiskMonitor:
@@ -62,7 +60,7 @@ def test_daily_loss_trips_at_the_threshold_not_a_cent_before() -> None:
     m = started()
     assert m.update(NOON + 60, eq("9500.01")) == []
     assert m.trading_state is ACTIVE
-    [t] = m.update(NOON + 120, eq("9500.00", split=True))
+    [t] = m.update(NOON + 120, {"spot": D("9499.99"), "futures": D("0.01")})  # the sum counts
     assert (t.old, t.new, t.until, t.flatten) == (ACTIVE, REDUCING, NOON + 120 + HOUR, False)
     assert "daily loss" in t.reason and "5.00%" in t.reason
     assert m.state.trip == "daily_loss"

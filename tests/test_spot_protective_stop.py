@@ -408,3 +408,19 @@ async def test_a_new_position_does_not_inherit_an_old_stop_backoff(rig: Rig) -> 
     clock.set(clock.now() + spot_module.STOP_RETRY_SECONDS)
     await rig.step()
     assert rig.engine.positions[SYMBOL].meta.get("stop_order"), "retried after the first backoff, not 5 min"
+
+
+async def test_while_halted_the_engine_leaves_the_stop_to_the_flattening(rig: Rig) -> None:
+    """HALTED refuses the engine's own sell and any new stop: cancelling the stop for a take-profit
+    would leave the position with none until the Orchestrator's flattening got to it."""
+    await enter(rig)
+    stop_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    monitor = rig.ctx.gate._monitor
+    monitor.kill(rig.ctx.clock.now(), "kill by test")
+    rig.feed.set_price("103")  # past the take-profit
+    await rig.settle()
+    await rig.step()
+    await rig.settle()
+    assert len(await rig.ledger.positions("spot")) == 1
+    assert (await rig.ledger.get_order(stop_id)).state is OrderState.OPEN  # type: ignore[union-attr]
+    assert rig.sells == [OrderType.STOP_MARKET]
