@@ -231,6 +231,10 @@ class FuturesEngine(BaseEngine):
         self._fingerprint: tuple[tuple[str, PositionSide, Decimal, Decimal], ...] = ()
         # When a refused protective stop may be tried again, per symbol (see STOP_RETRY_SECONDS).
         self._stop_retry_at: dict[str, float] = {}
+        # The signal's stop distance of an entry the exchange accepted but had not filled yet: its fill
+        # arrives later (the order poll), and the position it opens gets its exit levels from this
+        # distance, the one it was sized for (kept in memory: a restart falls back to the widest stop).
+        self._awaiting_fill: dict[str, Decimal] = {}
         for key in ("blocked", "partials", "skipped_small", "emergency_closes", "stop_replacements"):
             self.counters.extra[key] = 0
 
@@ -257,10 +261,15 @@ class FuturesEngine(BaseEngine):
         """Positions from the ledger; the allocator's exposure is their margin (see the module doc).
 
         Every fill changes some position's amount or realized P&L, so the all-time realized P&L (a sum
-        over every closed trade) is asked for again only when the positions changed.
+        over every closed trade) is asked for again only when the positions changed. A position that is
+        gone marks the trade metrics stale, as `BaseEngine.refresh_positions` does: one the exchange's
+        stop closed is seen only here, and would otherwise never reach the metrics.
         """
         rows = await self.ctx.ledger.positions(self.ctx.name)
+        closed = set(self.positions) - {p.symbol for p in rows}
         self.positions = {p.symbol: p for p in rows}
+        if closed:
+            self._metrics_stale = True
         self.ctx.allocator.set_exposure(self.ctx.name, margin_in_use(self._marks(prices=False)))
         fingerprint = tuple((p.symbol, p.side, p.amount, p.realized_pnl) for p in rows)
         if self._realized is None or fingerprint != self._fingerprint:
@@ -273,11 +282,7 @@ class FuturesEngine(BaseEngine):
         metrics."""
         await super().load_state()
         for position in list(self.positions.values()):
-            if position.stop_loss is None or position.take_profit is None:
-                distance = Decimal(position.meta.get(META_STOP_DISTANCE) or str(self.params.analysis.max_stop_pct))
-                await self._set_exit_levels(position, distance)
-                self.log.warning("exit levels restored", symbol=position.symbol,
-                                 stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+            await self._restore_exit_levels(position)
         for symbol in list(self.positions):
             current = self.positions.get(symbol)
             if current is not None:
@@ -287,6 +292,27 @@ class FuturesEngine(BaseEngine):
         if saved and saved.get("emergency") and self.baseline is not None:
             self.emergency_day = self.baseline.day
         await self.refresh_metrics()
+
+    async def _restore_exit_levels(self, position: Position) -> bool:
+        """Give a position without a stop-loss or take-profit its levels: at the distance its entry was
+        sized for when known, else the widest allowed stop. Without them `protective_level` is None and
+        no stop is ever placed: a crash between the fill and `_set_exit_levels`, or an entry the
+        exchange filled only after answering (the fill reaches the ledger later, through the order
+        poll). True when the levels had to be restored."""
+        if position.stop_loss is not None and position.take_profit is not None:
+            return False
+        saved = position.meta.get(META_STOP_DISTANCE)
+        remembered = self._awaiting_fill.pop(position.symbol, None)
+        if saved:
+            distance = Decimal(saved)
+        elif remembered is not None:
+            distance = remembered
+        else:
+            distance = Decimal(str(self.params.analysis.max_stop_pct))
+        await self._set_exit_levels(position, distance)
+        self.log.warning("exit levels restored", symbol=position.symbol, distance_pct=str(distance),
+                         stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+        return True
 
     @property
     def _day_key(self) -> str:
@@ -309,6 +335,12 @@ class FuturesEngine(BaseEngine):
         # From the ledger every step: fills this engine did not ask for (a liquidation, the
         # Orchestrator's flattening) must not leave it managing a position that is gone.
         await self.refresh_positions()
+        # A position can appear without exit levels between two steps (an entry filled after the
+        # exchange answered it): levels and a stop on the exchange first, whatever else this step does.
+        for symbol in list(self.positions):
+            position = self.positions.get(symbol)
+            if position is not None and await self._restore_exit_levels(position):
+                await self.protect(position)
         await self.update_day()
         if await self.emergency_check():
             return
@@ -365,6 +397,11 @@ class FuturesEngine(BaseEngine):
 
     # --- exits -------------------------------------------------------------------------------------
     async def manage_position(self, position: Position, ticker: Ticker) -> None:
+        """Exits and the exchange's stop for one position. Nothing while trading is HALTED: the gate
+        then refuses every engine order, so an exit would cancel the stop and be denied its close and
+        the stop's replacement alike; the Orchestrator's flattening owns the positions then."""
+        if not self.ctx.gate.engine_exits_pass():
+            return
         market = self.ctx.exchange.market(position.symbol)
         state = ExitState.from_meta(position.meta, position.amount)
         decision = decide_exit(
@@ -402,7 +439,14 @@ class FuturesEngine(BaseEngine):
             self.log.info("partial take-profit skipped: below the market minimum", symbol=position.symbol,
                           partial=label)
             return
-        filled = await self._exit_order(position, amount, f"partial take-profit {label} at {move:.2f}%")
+        reason = f"partial take-profit {label} at {move:.2f}%"
+        step = self.ctx.exchange.market(position.symbol).amount_step
+        if amount >= quantize_down(position.amount, step):
+            # Everything left (sizes adding up to 100%, or a remainder below the minimum folded in):
+            # a full close, so the exchange's stops are cancelled first like any engine close.
+            filled = position.amount if await self.close(position, reason) else ZERO
+        else:
+            filled = await self._exit_order(position, amount, reason)
         if filled > 0:
             self.counters.extra["partials"] += 1
             return
@@ -414,7 +458,10 @@ class FuturesEngine(BaseEngine):
 
     async def close(self, position: Position, reason: str) -> bool:
         """Close the whole position with a reduce-only market order, after the exchange's stops are
-        gone (see the module doc). If the close does not go through, the stop is put back."""
+        gone (see the module doc). If the close does not go through, the stop is put back. Not while
+        trading is HALTED (see `manage_position`): the stop would be cancelled and the close denied."""
+        if not self.ctx.gate.engine_exits_pass():
+            return False
         if not await self._clear_protective_stops(position):
             return False
         current = self.positions.get(position.symbol)
@@ -448,6 +495,9 @@ class FuturesEngine(BaseEngine):
                       amount=str(result.filled), price=str(result.order.avg_price),
                       left=str(left.amount) if left is not None else "0")
         if left is None:
+            # Gone, however it came to be (the exit capped to a smaller ledger position): a reduce-only
+            # stop left resting would have nothing to protect.
+            await self._cancel_stops(position.symbol, keep=None)
             await self.refresh_metrics()
         return result.filled
 
@@ -578,10 +628,21 @@ class FuturesEngine(BaseEngine):
             reason=f"{signal.direction} {signal.confidence:.0f}: {'+'.join(signal.reasons)}",
         )
         result = await self.trade(intent)
-        if result is None or result.filled <= 0:
+        if result is None:
+            return False
+        if result.filled <= 0:
+            if result.order.state in _LIVE:
+                # Accepted, not executed yet: its fill comes through the order poll, and the next step
+                # gives the position its levels and stop (`_restore_exit_levels`). Same bar, no second
+                # order meanwhile.
+                self._awaiting_fill[symbol] = signal.stop_distance_pct
+                self._entry_bar[symbol] = signal.bar_ts
+                self.log.info("entry accepted, not filled yet", symbol=symbol,
+                              client_order_id=result.order.client_order_id)
             return False
         self.counters.entries += 1
         self._entry_bar[symbol] = signal.bar_ts
+        self._awaiting_fill.pop(symbol, None)  # an earlier accepted entry's distance, superseded
         position = self.positions.get(symbol)
         if position is None or position.side is not signal.direction:
             return True
@@ -659,7 +720,11 @@ class FuturesEngine(BaseEngine):
         """Make the exchange's stop match the position: placed when missing, re-placed when the trailing
         level moved by at least STOP_REPLACE_MIN_FRACTION or the amount changed. The new stop is placed
         first and the old one cancelled after, so the position is never without a stop; if the new one
-        is refused the old one stays."""
+        is refused the old one stays. Nothing while trading is HALTED: the gate refuses the stop then,
+        and a refusal would only be logged as the engine's to handle and delay the retry past the end
+        of the halt; a stop already resting stays."""
+        if not self.ctx.gate.engine_exits_pass():
+            return
         level = self.protective_level(position)
         if level is None or level <= 0:
             return

@@ -85,10 +85,7 @@ class SpotEngine(BaseEngine):
         for position in list(self.positions.values()):
             if await self.write_off_dust(position, self.ctx.feed.ticker(position.symbol)):
                 continue
-            if position.stop_loss is None or position.take_profit is None:
-                await self._set_exit_levels(position)
-                self.log.warning("exit levels restored", symbol=position.symbol,
-                                 stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+            await self._restore_exit_levels(position)
             await self.protect(position, force=True)
 
     async def step(self) -> None:
@@ -107,9 +104,23 @@ class SpotEngine(BaseEngine):
                     await self._manage_held(position, self.ctx.feed.ticker(symbol))
         self.look_ahead()
 
+    async def _restore_exit_levels(self, position: Position) -> bool:
+        """Levels from the entry price for a position that has none: a crash between the entry's fill
+        and saving them, or an entry the exchange filled only after answering it (its fill reaches the
+        ledger later, through the order poll, and `enter` never saw it). Without them the position
+        would have no stop-loss, no take-profit and no stop on the exchange. True when restored."""
+        if position.stop_loss is not None and position.take_profit is not None:
+            return False
+        await self._set_exit_levels(position)
+        self.log.warning("exit levels restored", symbol=position.symbol,
+                         stop_loss=str(position.stop_loss), take_profit=str(position.take_profit))
+        return True
+
     async def _manage_held(self, position: Position, ticker: Ticker | None) -> None:
         if await self.write_off_dust(position, ticker):
             return
+        if await self._restore_exit_levels(position):
+            await self.protect(position, force=True)
         if ticker is not None:
             await self.manage_exit(position, ticker)
         # A stop refused earlier (or cancelled by hand) is put back, after the exit so that it never

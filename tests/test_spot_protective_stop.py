@@ -5,6 +5,7 @@ same coins again; a restart re-places a missing stop."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -423,4 +424,34 @@ async def test_while_halted_the_engine_leaves_the_stop_to_the_flattening(rig: Ri
     await rig.settle()
     assert len(await rig.ledger.positions("spot")) == 1
     assert (await rig.ledger.get_order(stop_id)).state is OrderState.OPEN  # type: ignore[union-attr]
+    assert rig.sells == [OrderType.STOP_MARKET]
+
+
+async def test_an_entry_filled_after_its_answer_gets_levels_and_a_stop(rig: Rig) -> None:
+    """The exchange may answer a market buy as accepted and fill it a moment later: `enter` sees no
+    fill, and the position arrives through the order poll without exit levels. The next step gives it
+    levels from its entry price and puts its stop on the exchange."""
+    original = rig.exchange.create_order
+
+    async def accepted_only(request):  # type: ignore[no-untyped-def]
+        update = await original(request)
+        if request.order_type is OrderType.MARKET and request.side is Side.BUY:
+            return dataclasses.replace(update, state=OrderState.OPEN, filled=Decimal(0), avg_price=None,
+                                       fills=())
+        return update
+
+    rig.exchange.create_order = accepted_only  # type: ignore[method-assign]
+    ticker = rig.feed.ticker(SYMBOL)
+    assert ticker is not None
+    await rig.engine.enter(SYMBOL, ticker, "test entry")
+    assert rig.engine.positions == {}
+    assert await rig.ctx.orders.poll_open_orders() == 1  # the fill reaches the ledger
+    [position] = await rig.ledger.positions("spot")
+    assert position.stop_loss is None
+    await rig.step()
+    [position] = await rig.ledger.positions("spot")
+    assert position.stop_loss is not None and position.take_profit is not None
+    assert position.stop_loss < position.entry_price < position.take_profit
+    stop = await rig.ledger.get_order(position.meta["stop_order"])
+    assert stop is not None and stop.state is OrderState.OPEN and stop.stop_price == position.stop_loss
     assert rig.sells == [OrderType.STOP_MARKET]
