@@ -193,6 +193,16 @@ class TradingStateChanged(Event):
 
 
 @value_type(kw_only=True)
+class BreakerBlind(Event):
+    """The breaker has had no complete figure to judge for `seconds` (`blind`), or has one again: while
+    blind, no daily-loss, drawdown or kill-switch limit is checked."""
+
+    blind: bool
+    detail: str
+    seconds: float
+
+
+@value_type(kw_only=True)
 class RiskRebased(Event):
     """The breaker's baselines started again from `equity` for a reason other than a person's command
     (the set of engines changed between runs)."""

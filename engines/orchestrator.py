@@ -24,6 +24,7 @@ from config import TIMEFRAME_SECONDS, Settings
 from core.clock import Clock
 from core.errors import ConfigError, DependencyError, KineticError, OperationalError, TemporaryError
 from core.events import (
+    BreakerBlind,
     DaemonStarted,
     DaemonStopping,
     EnginePaused,
@@ -86,6 +87,9 @@ FUNDING_KIND = "FundingPaid"
 MARKET_OF = {"spot": MarketType.SPOT, "futures": MarketType.FUTURES}
 RISK_KEY = "risk"
 STATUS_LOG_SECONDS = 60.0  # how often the engines' status and the portfolio are logged
+# How long the breaker may go without a complete figure (a balance or a held price missing) before the
+# owner is alerted: no limit is checked meanwhile.
+BREAKER_BLIND_ALERT_SECONDS = 300.0
 PAUSE_KEY = "pause"
 # A flattening (kill, or a trip with global_flatten_on_trip) not finished yet: a restart takes it up again.
 FLATTEN_KEY = "flatten"
@@ -189,6 +193,9 @@ class Orchestrator:
         self._balance_failing: set[str] = set()  # engines whose last balance read failed (logged once)
         self._held_elsewhere: dict[str, list[str]] = {}  # see _find_held_symbols
         self._risk_waiting = False  # the breaker skipped incomplete books (logged once per spell)
+        self._risk_waiting_since = 0.0  # monotonic start of that spell
+        self._risk_blind_alerted = False  # the owner was told the spell lasts (BreakerBlind)
+        self._unpriced: set[str] = set()  # held symbols the last book had no price for
         self._next_report = clock.monotonic() + STATUS_LOG_SECONDS
         self._flatten_task: asyncio.Task[Any] | None = None
         self._flatten_wanted: tuple[bool, str] = (False, "")
@@ -653,6 +660,7 @@ class Orchestrator:
         waits for a true figure instead of judging a guess; the supervisor goes on either way."""
         ledger = self._ledger()
         complete = True
+        unpriced: set[str] = set()
         for name, part in self.parts.items():
             try:
                 balance = await part.exchange.fetch_balance()
@@ -673,23 +681,40 @@ class Orchestrator:
                     unrealized += p.unrealized_pnl(ticker.bid if p.side is PositionSide.LONG else ticker.ask)
                 else:
                     complete = False
+                    unpriced.add(p.symbol)
             realized = await ledger.realized_pnl(name)
             self.books[name] = EngineBook(balance.equity, realized, unrealized, positions)
         self._equity = sum((book.equity for book in self.books.values()), ZERO)
         # Equity without a price for every held position undercounts it (a coin with no price is worth
         # nothing to the paper books): the breaker must not judge such a figure.
         self._books_complete = complete and len(self.books) == len(self.parts)
+        self._unpriced = unpriced
 
     async def _update_risk(self) -> None:
         if not self._books_complete:
             if not self._risk_waiting:  # once per spell, not every tick
                 self._risk_waiting = True
+                self._risk_waiting_since = self.clock.monotonic()
                 log.warning("risk check waits: the books are incomplete (a held symbol without a price, or a "
                             "balance the exchange did not give)")
+            elif (not self._risk_blind_alerted
+                  and self.clock.monotonic() - self._risk_waiting_since >= BREAKER_BLIND_ALERT_SECONDS):
+                # A moment without a figure is normal (a slow read, prices at start-up); a long one means
+                # no limit is checked, which the owner must hear about, not only the log.
+                self._risk_blind_alerted = True
+                detail = self._missing_books()
+                log.error("the breaker cannot judge: the books stay incomplete", missing=detail,
+                          minutes=round(BREAKER_BLIND_ALERT_SECONDS / 60))
+                self.bus.publish(BreakerBlind(ts=self.clock.now(), blind=True, detail=detail,
+                                              seconds=self.clock.monotonic() - self._risk_waiting_since))
             return
         if self._risk_waiting:
             self._risk_waiting = False
             log.info("risk check resumed: the books are complete again")
+            if self._risk_blind_alerted:
+                self._risk_blind_alerted = False
+                self.bus.publish(BreakerBlind(ts=self.clock.now(), blind=False, detail="",
+                                              seconds=self.clock.monotonic() - self._risk_waiting_since))
         by_engine = self._equity_by_engine()
         change = self._monitor().engine_change(by_engine)
         if change is not None:
@@ -1156,11 +1181,18 @@ class Orchestrator:
         position, the new baseline would be too low and the limits would trip far too late, or never."""
         if self._books_complete and self._equity > 0:
             return None
+        return CommandResult(False, f"cannot {what} yet: the books are incomplete ({self._missing_books()}) "
+                                    f"and the breaker would re-base on a wrong equity; try again in a minute")
+
+    def _missing_books(self) -> str:
+        """What keeps the books incomplete, for the owner."""
+        parts = []
         missing = sorted(self._balance_failing | (set(self.parts) - set(self.books)))
-        why = (f"no balance yet from {', '.join(missing)}" if missing
-               else "a held position has no price yet")
-        return CommandResult(False, f"cannot {what} yet: the books are incomplete ({why}) and the breaker "
-                                    f"would re-base on a wrong equity; try again in a minute")
+        if missing:
+            parts.append(f"no balance from {', '.join(missing)}")
+        if self._unpriced:
+            parts.append(f"no price for {', '.join(sorted(self._unpriced))}")
+        return "; ".join(parts) or "no balance read yet"
 
     async def kill(self, by: str) -> CommandResult:
         t = self._monitor().kill(self.clock.now(), f"kill by {by}")

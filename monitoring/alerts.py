@@ -25,6 +25,7 @@ from telegram.warnings import PTBDeprecationWarning
 
 from core.clock import DAY_SECONDS, Clock, start_of_utc_day, utc_datetime
 from core.events import (
+    BreakerBlind,
     DaemonStarted,
     DaemonStopping,
     EngineFailed,
@@ -202,6 +203,11 @@ def format_event(event: Event) -> str | None:
             return f"🔍 Reconciliation {event.engine}: {event.finding} — {event.detail}"
         case RiskRebased():
             return f"⚖️ Circuit breaker re-based: {event.reason}"
+        case BreakerBlind(blind=True):
+            return (f"⚠️ Circuit breaker blind for {fmt_age(event.seconds)}: {event.detail}. No loss limit is "
+                    f"checked until the whole account can be valued again.")
+        case BreakerBlind():
+            return f"✅ Circuit breaker sees the whole account again (after {fmt_age(event.seconds)})."
     return None
 
 
@@ -341,6 +347,7 @@ _ALWAYS_ON: frozenset[type[Event]] = frozenset(
         TradingStateChanged,
         ReconciliationFinding,
         RiskRebased,
+        BreakerBlind,
     }
 )
 

@@ -14,9 +14,9 @@ import pytest
 from config import load_settings
 from core.clock import SimClock, start_of_utc_day
 from core.errors import TemporaryError
-from core.events import Event, RiskRebased
+from core.events import BreakerBlind, Event, RiskRebased
 from core.types import MarketType, TradingState
-from engines.orchestrator import RISK_KEY, EngineParts, Orchestrator
+from engines.orchestrator import BREAKER_BLIND_ALERT_SECONDS, RISK_KEY, EngineParts, Orchestrator
 from exchange.base import Balance
 from monitoring.alerts import format_event
 from risk.allocator import CapitalAllocator
@@ -217,3 +217,36 @@ async def test_restarting_with_an_engine_turned_off_rebases_and_tells_the_owner(
         assert (stored.engines, stored.initial_equity) == (("spot",), D(6000))
     finally:
         await second.ledger.close()  # type: ignore[union-attr]
+
+
+# --- the breaker without a figure ---------------------------------------------------------------------
+
+@bounded(20)
+async def test_the_owner_hears_when_the_breaker_stays_blind_and_when_it_sees_again(tmp_path: Path) -> None:
+    orch, _spot, fut, ledger = await rig(tmp_path, RiskState())
+    seen: list[Event] = []
+    orch.bus.publish = seen.append  # type: ignore[method-assign]
+    clock = orch.clock
+    assert isinstance(clock, SimClock)
+    try:
+        fut.down = True
+        for _ in range(3):  # a few ticks within the first minutes: only the log hears of it
+            await orch._refresh_books()
+            await orch._update_risk()
+            await clock.advance(60)
+        assert not [e for e in seen if isinstance(e, BreakerBlind)]
+        await clock.advance(BREAKER_BLIND_ALERT_SECONDS)
+        for _ in range(3):  # told once, not every tick
+            await orch._refresh_books()
+            await orch._update_risk()
+        [blind] = [e for e in seen if isinstance(e, BreakerBlind)]
+        assert blind.blind and "no balance from futures" in blind.detail
+        text = format_event(blind)
+        assert text is not None and "blind" in text and "futures" in text
+        fut.down = False
+        await orch._refresh_books()
+        await orch._update_risk()
+        [_, seeing] = [e for e in seen if isinstance(e, BreakerBlind)]
+        assert not seeing.blind and "sees the whole account" in (format_event(seeing) or "")
+    finally:
+        await ledger.close()
