@@ -231,6 +231,7 @@ class OrderManager:
         self.on_wait: Callable[[], None] | None = None
         self.max_resolve_seconds = max(4 * unknown_grace_seconds, 120.0)
         self._inflight: set[asyncio.Task[SubmitResult]] = set()
+        self._resolving: set[str] = set()  # client order ids a `resolve_unknown` is asking about now
         self._recording: set[asyncio.Task[SubmitResult]] = set()
         self._seq_next = 0
         self._seq_end = 0
@@ -528,6 +529,13 @@ class OrderManager:
         # Counted from the order's last update: after a restart an old PENDING order that the exchange
         # does not know is settled at once, while a fresh one gets the full grace for the exchange to
         # show it.
+        self._resolving.add(order.client_order_id)
+        try:
+            return await self._resolve_unknown(order)
+        finally:
+            self._resolving.discard(order.client_order_id)
+
+    async def _resolve_unknown(self, order: Order) -> SubmitResult:
         deadline = max(order.updated_at, order.created_at) + self.unknown_grace_seconds
         give_up = self.clock.now() + self.max_resolve_seconds
         delay = 0.5
@@ -594,15 +602,31 @@ class OrderManager:
     async def poll_open_orders(self) -> int:
         """Ask the exchange about every order the ledger holds open (protective stops, resting entries)
         and record what changed. The live exchange tells us nothing by itself; the paper exchange
-        reports through its callback instead. Returns how many orders changed."""
+        reports through its callback instead. Returns how many orders changed.
+
+        Also one question each about orders left UNKNOWN: a resolution that gave up (the exchange did
+        not answer for minutes) would otherwise wait for the next start-up, and meanwhile a stop placed
+        during the outage could rest on the exchange unseen, or a filled entry miss from the books.
+        Orders whose send is still resolving them are left to it."""
         changed = 0
-        for order in await self.store.orders_in_states([OrderState.OPEN, OrderState.PARTIALLY_FILLED],
-                                                       engine=self.engine):
+        for order in await self.store.orders_in_states(
+            [OrderState.OPEN, OrderState.PARTIALLY_FILLED, OrderState.UNKNOWN], engine=self.engine
+        ):
+            unknown = order.state is OrderState.UNKNOWN
+            if unknown and order.client_order_id in self._resolving:
+                continue
             try:
                 update = await self.clock.wait_for(
                     self.exchange.fetch_order(order.symbol, order.client_order_id), self.send_timeout
                 )
             except OrderNotFound:
+                if unknown:
+                    if self.clock.now() >= max(order.updated_at, order.created_at) + self.unknown_grace_seconds:
+                        log.warning("unknown order was never placed", engine=self.engine,
+                                    client_order_id=order.client_order_id)
+                        await self._rejected(order, "never reached the exchange")
+                        changed += 1
+                    continue
                 log.warning("open order not found on the exchange", engine=self.engine,
                             client_order_id=order.client_order_id)
                 continue

@@ -541,3 +541,66 @@ async def test_the_grace_after_a_send_timeout_counts_from_the_timeout(
     stored = await rig.store.get_order(result.order.client_order_id)
     assert stored is not None and stored.state is OrderState.FILLED
     assert exchange.creates == [result.order.client_order_id]  # sent once, never again
+
+
+# --- an unknown order the send gave up on is asked about by the order poll ---------------------------------
+
+async def _gave_up(rig: Rig, exchange: ScriptedExchange) -> tuple[OrderManager, str]:
+    """A send with no answer whose resolution gave up: the exchange did not answer for longer than
+    `max_resolve_seconds`. The order stays UNKNOWN in the ledger."""
+    om = rig.manager(exchange, unknown_grace_seconds=15.0)
+    om.max_resolve_seconds = 20.0
+    async with asyncio.timeout(BOUND):
+        task = asyncio.ensure_future(om.submit(intent()))
+        for _ in range(60):
+            await rig.clock.advance(1.0)
+            if task.done():
+                break
+        result = await task
+    assert result.order.state is OrderState.UNKNOWN and result.error is not None
+    return om, result.order.client_order_id
+
+
+async def test_the_order_poll_settles_an_unknown_order_the_exchange_has(rig: Rig) -> None:
+    down = raises(TemporaryError("503 (test)"))
+    exchange = ScriptedExchange(create=[raises(TimeoutError())], fetch=[down])
+    om, cid = await _gave_up(rig, exchange)
+    exchange.fetch = [down]
+    assert await om.poll_open_orders() == 0  # still down: it stays unknown, and is asked again later
+    assert (await rig.store.get_order(cid)).state is OrderState.UNKNOWN
+    exchange.fetch = [filled]
+    assert await om.poll_open_orders() == 1
+    assert (await rig.store.get_order(cid)).state is OrderState.FILLED
+    assert exchange.creates == [cid], "asked about, never sent again"
+
+
+async def test_the_order_poll_declares_an_unknown_order_never_placed_only_after_the_grace(rig: Rig) -> None:
+    exchange = ScriptedExchange(create=[raises(TimeoutError())], fetch=[raises(TemporaryError("503 (test)"))])
+    om, cid = await _gave_up(rig, exchange)
+    order = await rig.store.get_order(cid)
+    assert order is not None
+    await rig.store.update_order(cid, state=OrderState.UNKNOWN)  # as if it just turned unknown
+    rig.store.orders[cid].updated_at = rig.clock.now()
+    exchange.fetch = [raises(OrderNotFound("unknown order (test)"))]
+    assert await om.poll_open_orders() == 0  # not found within the grace: the exchange may lag
+    assert (await rig.store.get_order(cid)).state is OrderState.UNKNOWN
+    await rig.clock.advance(15.0)
+    assert await om.poll_open_orders() == 1
+    assert (await rig.store.get_order(cid)).state is OrderState.REJECTED
+    assert [r.client_order_id for r in rig.rejections] == [cid]
+
+
+async def test_the_order_poll_leaves_an_order_its_send_is_still_resolving(rig: Rig) -> None:
+    exchange = ScriptedExchange(create=[raises(TimeoutError())], fetch=[raises(TemporaryError("503 (test)"))])
+    om = rig.manager(exchange)
+    async with asyncio.timeout(BOUND):
+        task = asyncio.ensure_future(om.submit(intent()))
+        await rig.clock.advance(1.0)
+        [order] = await rig.store.orders_in_states([OrderState.UNKNOWN])
+        asked = len(exchange.fetches)
+        assert await om.poll_open_orders() == 0
+        assert len(exchange.fetches) == asked, "the poll did not ask in parallel with the resolution"
+        exchange.fetch = [filled]
+        await rig.clock.advance(5.0)
+        result = await task
+    assert result.order.client_order_id == order.client_order_id and result.order.state is OrderState.FILLED
