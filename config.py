@@ -7,16 +7,29 @@ line each naming the variable, so a bad `.env` is fixed in one pass instead of o
 
 from __future__ import annotations
 
+import difflib
+import io
+from collections.abc import Mapping
+from contextvars import ContextVar
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from core.errors import ConfigError
 
 EX_CONFIG = 78
+DEFAULT_ENV_FILE = ".env"
+MAX_REPLAY_SPEED = 1_000_000
 
 Pct = Annotated[float, Field(ge=0, le=100)]
 PositivePct = Annotated[float, Field(gt=0, le=100)]
@@ -33,11 +46,49 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+# The .env file's entries as load_settings() read them, for the duration of one Settings() call.
+_ENV_FILE_VALUES: ContextVar[Mapping[str, str | None] | None] = ContextVar("_ENV_FILE_VALUES", default=None)
+
+
+class _ReadEnvFile(DotEnvSettingsSource):
+    """pydantic-settings' own .env source (same precedence, case and empty-value rules) over entries that
+    load_settings() has already read and checked. The file is read only once because it may be a pipe
+    (`--env-file <(decrypt prod.env)`), which a second read would find empty: every setting silently
+    back to its default."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: Mapping[str, str | None]) -> None:
+        self._values = values
+        super().__init__(settings_cls, env_file=None)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {
+            (key if self.case_sensitive else key.lower()): value
+            for key, value in self._values.items()
+            if not (self.env_ignore_empty and value == "")
+        }
+
+
 class Settings(BaseSettings):
+    # extra="ignore" is for the process environment, which holds PATH and the like; a name in the .env
+    # file that is no setting is reported by load_settings() (a misspelt key would otherwise be dropped).
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False,
+        env_file=DEFAULT_ENV_FILE, env_file_encoding="utf-8", extra="ignore", case_sensitive=False,
         env_ignore_empty=True,
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        values = _ENV_FILE_VALUES.get()
+        if values is not None:
+            dotenv_settings = _ReadEnvFile(settings_cls, values)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     # --- environment ---------------------------------------------------------------------------
     trading_mode: Literal["paper", "testnet", "live"] = "paper"
@@ -58,7 +109,7 @@ class Settings(BaseSettings):
     paper_maker_fee_pct: Annotated[Decimal, Field(ge=0, le=5)] = Decimal("0.1")
     paper_slippage_bps: Annotated[Decimal, Field(ge=0, le=1000)] = Decimal("5")
     paper_spread_bps: Annotated[Decimal, Field(ge=0, le=1000)] = Decimal("2")
-    replay_speed: Annotated[float, Field(gt=0, le=1_000_000)] = 600.0
+    replay_speed: Annotated[float, Field(gt=0, le=MAX_REPLAY_SPEED)] = 600.0
     replay_warmup_bars: Annotated[int, Field(ge=0, le=10_000)] = 1200
 
     # --- spot engine -----------------------------------------------------------------------------
@@ -309,13 +360,68 @@ def _describe(error: Any) -> str:
     return f"{name}: {msg}" + (f" (got {shown})" if shown else "")
 
 
-def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
-    """Build Settings or raise ConfigError listing every problem, one line each."""
+def read_env_file(path: Path, *, required: bool = False) -> dict[str, str | None]:
+    """The entries of a .env file, or ConfigError naming the file when it cannot be used.
+
+    A missing file is no problem unless `required` (a file named on the command line): the default .env
+    is optional, and so is anything at its path that is not a file (`python -m venv .env` makes a folder
+    of that name), as pydantic-settings has it.
+    """
+    if not required and not (path.is_file() or path.is_fifo()):
+        return {}
     try:
-        settings = Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: settings file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the settings file ({exc.strerror or exc})"]) from None
+    try:
+        text = raw.decode("utf-8-sig")  # an editor's byte-order mark is no part of the first name
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save the file as UTF-8"
+        ]) from None
+    return dotenv_values(stream=io.StringIO(text))
+
+
+def unknown_names(values: Mapping[str, str | None], path: Path) -> list[str]:
+    """One line for each name in a .env file that is no setting, with the closest setting's name.
+
+    Only the file's names are checked: the process environment holds PATH, HOME and the like. Every
+    variable the program reads from .env, and every one .env.example and the READMEs document, is a
+    Settings field, so there is no other name to allow.
+    """
+    known = [name.upper() for name in Settings.model_fields]
+    problems = []
+    for name in values:
+        if name.lower() in Settings.model_fields:  # case-insensitive, as the settings are read
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"unknown setting {name} in {path}{hint}")
+    return problems
+
+
+def load_settings(
+    env_file: str | Path | None = DEFAULT_ENV_FILE, *, env_file_required: bool = False, **overrides: Any
+) -> Settings:
+    """Build Settings from the environment, `env_file` (None: no file) and `overrides`, or raise
+    ConfigError listing every problem, one line each. `env_file_required`: a missing file is an error."""
+    problems: list[str] = []
+    values: dict[str, str | None] = {}
+    if env_file is not None:
+        path = Path(env_file)
+        values = read_env_file(path, required=env_file_required)
+        problems.extend(unknown_names(values, path))
+    token = _ENV_FILE_VALUES.set(values)
+    try:
+        settings = Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError([_describe(e) for e in exc.errors()]) from None
-    problems = cross_field_problems(settings)
+        raise ConfigError(problems + [_describe(e) for e in exc.errors()]) from None
+    finally:
+        _ENV_FILE_VALUES.reset(token)
+    problems.extend(cross_field_problems(settings))
     if problems:
         raise ConfigError(problems)
     return settings

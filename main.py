@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 
-from config import EX_CONFIG, SECRET_FIELDS, Settings, load_settings
+from config import DEFAULT_ENV_FILE, EX_CONFIG, MAX_REPLAY_SPEED, SECRET_FIELDS, Settings, load_settings
 from core.clock import LiveClock
 from core.errors import ConfigError
 
@@ -31,11 +32,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "file or a folder of them (default: the bundled Binance sample)")
     parser.add_argument("--speed", type=float, default=None,
                         help="replay speed factor (default: REPLAY_SPEED, 600 = a 5m candle every 0.5 s)")
-    parser.add_argument("--env-file", default=".env", help="settings file to read (default: .env)")
+    parser.add_argument("--env-file", default=None,
+                        help=f"settings file to read; it must exist (default: {DEFAULT_ENV_FILE}, if present)")
     args = parser.parse_args(argv)
-    if args.speed is not None and args.speed <= 0:
-        parser.error("--speed must be positive")
+    # The same bounds as REPLAY_SPEED: float() takes "nan" and "inf", which no comparison with 0 catches.
+    if args.speed is not None and not (math.isfinite(args.speed) and 0 < args.speed <= MAX_REPLAY_SPEED):
+        parser.error(f"--speed must be a number above 0 and at most {MAX_REPLAY_SPEED:,.0f}, got {args.speed:g}")
     return args
+
+
+def mode_problems(settings: Settings, args: argparse.Namespace) -> list[str]:
+    """Settings that clash with the command line, one line each naming the variable.
+
+    A replay feeds recorded prices (the bundled ones are from 2020-21) to the engines, and in testnet or
+    live their orders go to Binance: real orders sized and timed on old prices. The Orchestrator refuses
+    it again; this answers before anything starts, as a config error.
+    """
+    if args.replay is not None and settings.trading_mode != "paper":
+        return [f"TRADING_MODE={settings.trading_mode}: --replay trades on recorded prices and runs only "
+                "with TRADING_MODE=paper"]
+    return []
 
 
 def check_config(settings: Settings) -> int:
@@ -102,7 +118,12 @@ async def run_daemon(settings: Settings, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        settings = load_settings(env_file=args.env_file if Path(args.env_file).exists() else None)
+        # Only the default .env may be absent; a file named on the command line must be there.
+        settings = load_settings(env_file=DEFAULT_ENV_FILE if args.env_file is None else args.env_file,
+                                 env_file_required=args.env_file is not None)
+        problems = mode_problems(settings, args)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"config error: {line}", file=sys.stderr)

@@ -34,6 +34,12 @@ IntArray = npt.NDArray[np.int64]
 _TIMEFRAME_RE = re.compile(r"^(\d+)([mhd])$")
 _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86_400}
 
+# Open times a candle file may hold, in epoch seconds: 2000-01-01 to 2100-01-01 UTC. Read as milliseconds,
+# epoch seconds fall in January 1970 and epoch microseconds tens of thousands of years ahead.
+_EARLIEST_TS = 946_684_800.0
+_LATEST_TS = 4_102_444_800.0
+_STEP_BLOCK = 8192
+
 
 def timeframe_seconds(timeframe: str) -> int:
     """`"5m"` -> 300. Weeks are not supported: Binance aligns them to Monday, the epoch to Thursday."""
@@ -336,7 +342,33 @@ def load_candles(path: Path) -> CandleArrays:
         )
     if len(arrays) == 0:
         raise DependencyError(f"candle file {path} has no valid rows ({rows} rows read)")
+    _check_timestamps(path, arrays.ts)
     return arrays
+
+
+def _check_timestamps(path: Path, ts: FloatArray) -> None:
+    """DependencyError naming the file unless its open times are plausible epoch milliseconds.
+
+    A file in epoch seconds (a common export) otherwise loads as bars a few hundred "milliseconds"
+    apart in 1970, and resampling them divides by a zero-second timeframe. `ts` is strictly increasing
+    (clean_rows), so its ends bound it; the smallest step is looked for a block at a time, without a
+    temporary the size of the file (the replay's load sets the daemon's peak memory).
+    """
+    first, last = float(ts[0]), float(ts[-1])
+    if first < _EARLIEST_TS or last > _LATEST_TS:
+        raise DependencyError(
+            f"candle file {path}: timestamps must be epoch milliseconds (UTC), between 2000 and 2100; "
+            f"the file holds {round(first * 1000)} to {round(last * 1000)}"
+        )
+    step = min(
+        (float(np.diff(ts[i:i + _STEP_BLOCK + 1]).min()) for i in range(0, len(ts) - 1, _STEP_BLOCK)),
+        default=math.inf,
+    )
+    if step < 0.9995:  # under 1 s, allowing for ts being milliseconds / 1000 in float64
+        raise DependencyError(
+            f"candle file {path}: bars only {round(step * 1000)} ms apart; timestamps must be epoch "
+            "milliseconds (UTC) of bars at least 1 s apart"
+        )
 
 
 async def load_candles_async(path: Path) -> CandleArrays:
@@ -372,7 +404,7 @@ def resample(base: CandleArrays, base_seconds: int, target_seconds: int) -> Resa
     has simply not happened yet). Buckets with bars missing inside a maintenance gap are kept as they
     are, as Binance's own 1h candles keep them.
     """
-    if target_seconds % base_seconds:
+    if base_seconds <= 0 or target_seconds % base_seconds:
         raise ValueError(f"{target_seconds}s is not a multiple of the base timeframe {base_seconds}s")
     n = len(base)
     empty = np.zeros(0, dtype=np.int64)

@@ -342,7 +342,8 @@ class LiveFeed:
             log.warning("candles skipped this round", symbol=symbol, timeframe=timeframe, error=str(exc))
             return False
         now = self._clock.now()
-        arrays, problem = self._validate_ohlcv(rows, self._tf_seconds[timeframe], now)
+        arrays, problem = self._validate_ohlcv(rows, self._tf_seconds[timeframe], now,
+                                               skew_seconds=self._candle_poll_seconds)
         if arrays is None:
             log.warning("bad candles rejected", symbol=symbol, timeframe=timeframe, problem=problem)
             return False
@@ -350,9 +351,23 @@ class LiveFeed:
         return True
 
     @staticmethod
-    def _validate_ohlcv(rows: Any, tf_seconds: int, now: float) -> tuple[CandleArrays | None, str]:
+    def _validate_ohlcv(
+        rows: Any, tf_seconds: int, now: float, *, skew_seconds: float
+    ) -> tuple[CandleArrays | None, str]:
         """Closed candles, or None and why. Any bad row rejects the whole answer for this round: a
-        series with a hole punched in it by validation would feed indicators a false history."""
+        series with a hole punched in it by validation would feed indicators a false history.
+
+        Two checks keep Binance's forming kline out. Asked without endTime (as here), Binance answers
+        with the kline that holds its own current time as the last row, close and volume partial, and
+        the rows carry no flag saying so; our clock alone cannot tell, since a host clock a second or
+        two ahead of Binance's (common on a VPS) sees that kline closed before it is. So the newest
+        row counts as forming unless, by our clock, it closed at least `skew_seconds` ago: safe for a
+        clock up to `skew_seconds` ahead. A newest row that really is closed (a halted market, or no
+        new kline yet) is held back only while it closed less than `skew_seconds` ago; with
+        `skew_seconds` the candle poll interval, the next poll serves it, as the newest row by then old
+        enough or behind a newer one, so a closed bar is never late by more than one poll. The second
+        check is the clock itself, for a clock behind Binance's: no row whose interval has not ended.
+        """
         if not isinstance(rows, list) or not rows:
             return None, "empty response"
         try:
@@ -368,6 +383,8 @@ class LiveFeed:
             bad = ", ".join(f"{k}={v}" for k, v in rejections.as_dict().items() if v)
             return None, f"{rejections.total} bad of {len(rows)} rows ({bad})"
         closed = int(np.searchsorted(arrays.ts_ms, int((now - tf_seconds) * 1000), side="right"))
+        if closed == len(arrays) and float(arrays.ts[-1]) + tf_seconds > now - skew_seconds:
+            closed -= 1  # presumed forming: see above
         if closed == 0:
             return None, "no closed candle"
         if closed == len(arrays):

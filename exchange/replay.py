@@ -9,6 +9,7 @@ the data it simply stops (the data goes stale, as it would if Binance went quiet
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -150,8 +151,8 @@ class ReplayFeed:
     ) -> None:
         if not files:
             raise ValueError("a replay needs at least one candle file")
-        if speed <= 0:
-            raise ValueError(f"speed must be positive, got {speed}")
+        if not (math.isfinite(speed) and speed > 0):  # nan passes `speed <= 0`, and inf would never wait
+            raise ValueError(f"speed must be a finite number above 0, got {speed}")
         if warmup_bars < 0:
             raise ValueError(f"warmup_bars must not be negative, got {warmup_bars}")
         if start_cursor is not None and start_cursor < 0:
@@ -361,12 +362,13 @@ class ReplayFeed:
         spacing = int(steps.min()) if steps.size else base_ms
         if spacing == base_ms:
             return arrays
-        if spacing < base_ms and base_ms % spacing == 0:
+        # Whole seconds only: resample() works in seconds, and load_candles() has made sure of >= 1 s.
+        if spacing < base_ms and spacing % 1000 == 0 and base_ms % spacing == 0:
             log.info("replay data resampled to the base timeframe", symbol=symbol,
                      path=str(self._files[symbol]), file_seconds=spacing // 1000, base=self.base_timeframe)
             return resample(arrays, spacing // 1000, self._base_seconds).arrays
         raise DependencyError(
-            f"{self._files[symbol]}: bars are {spacing // 1000}s apart; the replay's base timeframe "
+            f"{self._files[symbol]}: bars are {spacing / 1000:g}s apart; the replay's base timeframe "
             f"{self.base_timeframe} cannot be built from them"
         )
 
