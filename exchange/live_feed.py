@@ -19,12 +19,13 @@ from urllib.parse import urlsplit, urlunsplit
 import ccxt.async_support as ccxt_async
 import numpy as np
 import structlog
-from ccxt.base.errors import BaseError, NetworkError
+from ccxt.base.errors import BaseError, DDoSProtection, NetworkError, RateLimitExceeded
 
 from core.clock import Clock
 from core.errors import DependencyError, OperationalError, TemporaryError
 from core.types import CandleSeries, MarketType, Ticker
 from exchange.candles import CandleArrays, clean_rows, timeframe_seconds
+from exchange.errors import RateLimited
 from exchange.feed_signal import UpdateSignal, task_failure
 
 log = structlog.get_logger("feed")
@@ -32,6 +33,26 @@ log = structlog.get_logger("feed")
 T = TypeVar("T")
 
 OFFLINE_HINT = "to run offline use: python main.py --replay"
+
+# After Binance says "too many requests" (429, or the 418 ban that follows a client ignoring 429s), the
+# feed sends nothing for at least this long, doubling while it keeps happening, or for as long as the
+# answer's Retry-After asks if that is longer.
+RATE_LIMIT_PAUSE_SECONDS = 10.0
+RATE_LIMIT_PAUSE_MAX_SECONDS = 600.0
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After header (Binance sends whole seconds), or None."""
+    if not isinstance(headers, Mapping):
+        return None
+    for key, value in headers.items():
+        if str(key).lower() == "retry-after":
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                return None
+            return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return None
 
 
 def _exchange_class(market_type: MarketType) -> Any:
@@ -145,6 +166,8 @@ class LiveFeed:
         # ccxt's own request pacing (Binance weights); only a loopback test server may do without it.
         self._rate_limit = enable_rate_limit
         self._signal = UpdateSignal(clock)
+        self._paused_until = -math.inf  # monotonic: no request before this (a rate limit)
+        self._pause = 0.0  # the last pause, doubled while rate limits keep coming
         self._tickers: dict[str, Ticker] = {}
         self._candles: dict[tuple[str, str], tuple[CandleArrays, float]] = {}
         self._exchange: Any = None
@@ -262,14 +285,22 @@ class LiveFeed:
                 log.exception("live feed round crashed")
             if due:
                 next_candles = self._clock.monotonic() + self._candle_poll_seconds
-            await self._clock.sleep(self._poll_seconds)
+            # A rate-limit pause is waited out here rather than skipped round by round.
+            await self._clock.sleep(max(self._poll_seconds, self._paused_until - self._clock.monotonic()))
 
     async def _call(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
         """Run one request with a timeout; retry temporary failures with jittered exponential backoff."""
         delay = self._backoff_base
         for attempt in range(1, self._max_attempts + 1):
+            if self._clock.monotonic() < self._paused_until:
+                raise RateLimited(f"{what}: not sent, the feed pauses for Binance's rate limit")
             try:
-                return await self._clock.wait_for(make(), self._timeout)
+                result = await self._clock.wait_for(make(), self._timeout)
+            except (DDoSProtection, RateLimitExceeded) as exc:
+                # Retrying a 429 at once is what turns it into an IP ban (418) for every engine on this
+                # host: pause the whole feed instead, as long as Binance asks and at least the backoff.
+                self._pause_for_rate_limit(what, exc)
+                raise RateLimited(f"{what}: {_one_line(exc)}") from exc
             except (TimeoutError, NetworkError) as exc:
                 if attempt == self._max_attempts:
                     raise TemporaryError(f"{what}: {_one_line(exc)} (after {attempt} attempts)") from exc
@@ -280,7 +311,18 @@ class LiveFeed:
                 delay = min(delay * 2, self._backoff_max)
             except BaseError as exc:  # an answer, but not a usable one: skip it this round
                 raise DependencyError(f"{what}: {_one_line(exc)}") from exc
+            else:
+                self._pause = 0.0
+                return result
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _pause_for_rate_limit(self, what: str, exc: BaseException) -> None:
+        asked = _retry_after(getattr(self._exchange, "last_response_headers", None))
+        self._pause = min(RATE_LIMIT_PAUSE_MAX_SECONDS, max(RATE_LIMIT_PAUSE_SECONDS, self._pause * 2))
+        pause = max(self._pause, asked or 0.0)
+        self._paused_until = self._clock.monotonic() + pause
+        log.warning("Binance rate limit: the live feed pauses", request=what, error=_one_line(exc),
+                    retry_after=asked, pause_seconds=pause)
 
     async def _poll_tickers(self) -> bool:
         ex = self._exchange

@@ -417,8 +417,9 @@ class FakeBinance:
     """Just enough of Binance's public REST API for ccxt: exchangeInfo, ticker/24hr, klines (spot and
     USD-M futures) and the futures book ticker.
 
-    `faults[path]` is a list of HTTP statuses served (and consumed) before the normal answer;
-    `hang` makes exchangeInfo never answer.
+    `faults[path]` is a list of HTTP statuses served (and consumed) before the normal answer (429 and 418
+    as Binance sends them, with `retry_after` as their Retry-After header); `hang` makes exchangeInfo
+    never answer.
     """
 
     def __init__(self) -> None:
@@ -429,6 +430,7 @@ class FakeBinance:
         self.klines: dict[str, list[list[Any]]] = {"BTCUSDT": kline_rows(30, 37000.0),
                                                    "ETHUSDT": kline_rows(30, 2000.0)}
         self.faults: dict[str, list[int]] = {}
+        self.retry_after: str | None = None
         self.hang = False
         self.requests: list[str] = []
         self._release = asyncio.Event()
@@ -454,7 +456,12 @@ class FakeBinance:
             self._seen.notify_all()
         pending = self.faults.get(path)
         if pending:
-            return web.Response(status=pending.pop(0), text="<html>Service Unavailable</html>")
+            status = pending.pop(0)
+            if status in (429, 418):
+                headers = {} if self.retry_after is None else {"Retry-After": self.retry_after}
+                return web.json_response({"code": -1003, "msg": "Too many requests (test)."}, status=status,
+                                         headers=headers)
+            return web.Response(status=status, text="<html>Service Unavailable</html>")
         if path in ("/api/v3/exchangeInfo", "/fapi/v1/exchangeInfo"):
             if self.hang:
                 await self._release.wait()
@@ -640,6 +647,34 @@ async def test_live_feed_skips_a_round_after_repeated_failures_and_stays_up(bina
             await advance_until(clock, lambda: feed.ticker("BTC/USDT") is not None, 1.0, "the next round")
         finally:
             await feed.stop()
+
+
+@pytest.mark.parametrize(("status", "retry_after", "pause"), [(429, "120", 120.0), (418, None, 10.0)])
+async def test_a_rate_limit_pauses_the_whole_feed_instead_of_retrying(
+    binance: FakeBinance, status: int, retry_after: str | None, pause: float
+) -> None:
+    """Binance bans an IP (418) that goes on sending after a 429: no retry, no other request of the
+    round, nothing until Retry-After (or the feed's own pause) has passed."""
+    binance.faults["/api/v3/ticker/24hr"] = [status]
+    binance.retry_after = retry_after
+    clock = SimClock()
+    feed = live_feed(clock, binance.base_url, backoff_base_seconds=0.1)
+    with capture_logs() as logs:
+        await feed.start()
+        try:
+            await advance_until(clock, lambda: any(e["event"] == "Binance rate limit: the live feed pauses"
+                                                   for e in logs), 0.1, "the rate limit")
+            [limited] = [e for e in logs if e["event"] == "Binance rate limit: the live feed pauses"]
+            assert limited["pause_seconds"] == pause
+            sent = len(binance.requests)
+            await clock.advance(pause - 1.0)
+            await asyncio.sleep(0.05)
+            assert len(binance.requests) == sent, "nothing is sent during the pause"
+            assert not [e for e in logs if e["event"] == "live feed retry"]
+            await advance_until(clock, lambda: feed.ticker("BTC/USDT") is not None, 1.0, "the round after")
+        finally:
+            await feed.stop()
+    assert binance.requests.count("/api/v3/ticker/24hr") == 2
 
 
 async def test_futures_feed_takes_bid_and_ask_from_the_book_ticker(binance: FakeBinance) -> None:
