@@ -30,6 +30,9 @@ from core.errors import ConfigError
 EX_CONFIG = 78
 DEFAULT_ENV_FILE = ".env"
 MAX_REPLAY_SPEED = 1_000_000
+# Binance USD-M's maintenance margin rate for the smaller positions of the main markets (0.4-0.5 %),
+# the conservative end: the price move a position survives is 100/leverage % less this.
+LIQUIDATION_MAINTENANCE_PCT = 0.5
 
 Pct = Annotated[float, Field(ge=0, le=100)]
 PositivePct = Annotated[float, Field(gt=0, le=100)]
@@ -345,6 +348,18 @@ def futures_problems(s: Settings) -> list[str]:
             >= s.futures_leverage_low_confidence):
         problems.append("FUTURES_LEVERAGE_HIGH_CONFIDENCE >= FUTURES_LEVERAGE_MID_CONFIDENCE >= "
                         "FUTURES_LEVERAGE_LOW_CONFIDENCE is required (tiers go from the highest confidence down)")
+    # The widest loss the engine plans for (its own force close; every stop is tighter) must come before
+    # the exchange liquidates: at leverage L an isolated position is gone once the price moves about
+    # 100/L % minus the maintenance margin against it, and then neither the stop nor the engine acts.
+    top = min(s.futures_max_leverage, max(s.futures_leverage_high, s.futures_leverage_mid,
+                                           s.futures_leverage_low, s.futures_leverage_min))
+    room = 100 / top - LIQUIDATION_MAINTENANCE_PCT
+    if s.futures_force_close_pct >= room:
+        problems.append(
+            f"FUTURES_FORCE_CLOSE_PCT ({s.futures_force_close_pct:g}) must be below {room:.2f}: at the highest "
+            f"leverage the engine may use ({top}x, from FUTURES_MAX_LEVERAGE and FUTURES_LEVERAGE_*) a position "
+            f"is liquidated after a {room:.2f}% move, before its stop or force close"
+        )
     return problems
 
 

@@ -146,6 +146,9 @@ def test_every_bad_value_is_reported_once_naming_its_variable(bad: set[str]) -> 
         ({"SPOT_ENABLED": "false"}, "at least one engine"),
         ({"SPOT_EMA_FAST": "30", "SPOT_EMA_SLOW": "20"}, "SPOT_EMA_FAST"),
         ({"TELEGRAM_BOT_TOKEN": "123:abc"}, "TELEGRAM_CHAT_IDS: required"),
+        # 30x: liquidated after a 2.83 % move, before the 4 % force close (and the 3 % stop).
+        ({"FUTURES_MAX_LEVERAGE": "30", "FUTURES_LEVERAGE_HIGH": "30"},
+         "FUTURES_FORCE_CLOSE_PCT (4) must be below 2.83"),
     ],
 )
 def test_cross_field_rules(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str) -> None:
@@ -154,6 +157,15 @@ def test_cross_field_rules(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
     with pytest.raises(ConfigError) as info:
         load_settings(env_file=None)
     assert any(expected in line for line in info.value.problems), info.value.problems
+
+
+def test_the_force_close_may_sit_just_before_the_liquidation() -> None:
+    # 20x: liquidated after 100/20 - 0.5 = 4.5 %; a force close at 4.4 % comes first. The engine's
+    # highest leverage is its highest tier's, capped by FUTURES_MAX_LEVERAGE (here the tier's 20).
+    s = load_settings(env_file=None, futures_max_leverage=50, futures_leverage_high=20, futures_force_close_pct=4.4)
+    assert s.futures_force_close_pct == 4.4
+    with pytest.raises(ConfigError, match="FUTURES_FORCE_CLOSE_PCT"):
+        load_settings(env_file=None, futures_max_leverage=50, futures_leverage_high=20, futures_force_close_pct=4.5)
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
