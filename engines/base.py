@@ -20,7 +20,7 @@ from config import Settings
 from core.clock import Clock
 from core.errors import DependencyError, TemporaryError
 from core.events import DataStale, EventBus, OrderDenied
-from core.types import ZERO, CandleSeries, Order, OrderIntent, OrderState, Position, Side, Ticker
+from core.types import ZERO, CandleSeries, Order, OrderIntent, OrderState, OrderType, Position, Side, Ticker
 from engines.trade_metrics import MetricsReport, load_report, report
 from exchange.base import Exchange, MarketFeed, quantize_down
 from exchange.orders import OrderManager, SubmitResult
@@ -30,6 +30,8 @@ from risk.gate import RiskGate
 from storage.ledger import Ledger
 
 METRICS_EVERY = 10.0  # seconds between trade-metrics refreshes after positions closed
+# An order that has not filled but may still: resting, or sent without a clear answer.
+_IN_DOUBT = (OrderState.PENDING, OrderState.UNKNOWN, OrderState.OPEN, OrderState.PARTIALLY_FILLED)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class BaseEngine:
         self.metrics: MetricsReport = report([])
         self._metrics_stale = False
         self._metrics_due = 0.0
+        # Symbols with an entry whose outcome is not known yet (see `entry_in_doubt`).
+        self._entries_in_doubt: set[str] = set()
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -123,8 +127,33 @@ class BaseEngine:
                                                            engine=self.ctx.name)
         for order in unsettled:
             await self.ctx.orders.resolve_unknown(order)
+        self._entries_in_doubt = {o.symbol for o in await self._doubtful_entries()}
         await self.refresh_positions()
         await self.refresh_metrics()
+
+    async def _doubtful_entries(self) -> list[Order]:
+        """This engine's entry orders (not reduce-only, not stops) that are neither filled nor settled."""
+        orders = await self.ctx.ledger.orders_in_states(_IN_DOUBT, engine=self.ctx.name)
+        return [o for o in orders if not o.reduce_only and o.order_type is not OrderType.STOP_MARKET]
+
+    def note_entry(self, symbol: str, result: SubmitResult | None) -> None:
+        """After an entry's send: one that did not come back filled, yet may still fill (resting, or its
+        outcome unknown after a timeout), blocks further entries of the symbol until it settles."""
+        if result is not None and result.filled <= 0 and result.order.state in _IN_DOUBT:
+            self._entries_in_doubt.add(symbol)
+            self.log.info("entry not filled yet: no other entry of the symbol until it settles", symbol=symbol,
+                          client_order_id=result.order.client_order_id, state=str(result.order.state))
+
+    async def entry_in_doubt(self, symbol: str) -> bool:
+        """True while an earlier entry of the symbol may still fill: a second one would double the
+        position once both did (an exchange that timed out had placed the first after all). The ledger is
+        asked only for symbols noted so, so the usual entry costs a set lookup."""
+        if symbol not in self._entries_in_doubt:
+            return False
+        if any(o.symbol == symbol for o in await self._doubtful_entries()):
+            return True
+        self._entries_in_doubt.discard(symbol)
+        return False
 
     async def start(self) -> None:
         """The engine's task. Returns when stop() was called; raises on a fault (the supervisor decides)."""

@@ -596,6 +596,8 @@ class FuturesEngine(BaseEngine):
         if signal.bar_ts <= self._entry_bar.get(symbol, -math.inf):
             self.log.debug("no second entry on the same bar", symbol=symbol, bar_ts=signal.bar_ts)
             return False
+        if await self.entry_in_doubt(symbol):
+            return False
         ticker = self.ctx.feed.ticker(symbol)
         candles = self.cache.cached(symbol, ENTRY_TF)
         if not self.fresh_enough(symbol, ticker, candles, self.params.max_data_age) or ticker is None:
@@ -630,15 +632,14 @@ class FuturesEngine(BaseEngine):
         result = await self.trade(intent)
         if result is None:
             return False
+        self.note_entry(symbol, result)
         if result.filled <= 0:
-            if result.order.state in _LIVE:
-                # Accepted, not executed yet: its fill comes through the order poll, and the next step
-                # gives the position its levels and stop (`_restore_exit_levels`). Same bar, no second
-                # order meanwhile.
+            if symbol in self._entries_in_doubt:
+                # Resting, or sent without a clear answer: it may still fill, through the order poll,
+                # and the next step then gives the position its levels and stop at the distance it was
+                # sized for (`_restore_exit_levels`). No other entry of the symbol meanwhile.
                 self._awaiting_fill[symbol] = signal.stop_distance_pct
                 self._entry_bar[symbol] = signal.bar_ts
-                self.log.info("entry accepted, not filled yet", symbol=symbol,
-                              client_order_id=result.order.client_order_id)
             return False
         self.counters.entries += 1
         self._entry_bar[symbol] = signal.bar_ts

@@ -1181,6 +1181,9 @@ class Orchestrator:
         position, the new baseline would be too low and the limits would trip far too late, or never."""
         if self._books_complete and self._equity > 0:
             return None
+        if self._books_complete:
+            return CommandResult(False, f"cannot {what}: the account's equity is {self._equity}, and the limits "
+                                        f"need a positive base; fund the account first")
         return CommandResult(False, f"cannot {what} yet: the books are incomplete ({self._missing_books()}) "
                                     f"and the breaker would re-base on a wrong equity; try again in a minute")
 

@@ -244,7 +244,7 @@ class SpotEngine(BaseEngine):
         if len(self.positions) >= self.ctx.settings.spot_max_positions:
             return
         reading = evaluate(candles, self.params, self._next_bar.get(symbol))
-        if not reading.enter:
+        if not reading.enter or await self.entry_in_doubt(symbol):
             return
         await self.enter(symbol, ticker, reading.reason)
 
@@ -276,6 +276,7 @@ class SpotEngine(BaseEngine):
             reason=reason,
         )
         result = await self.trade(intent)
+        self.note_entry(symbol, result)
         if result is None or result.filled <= 0:
             return
         self.counters.entries += 1
@@ -362,6 +363,8 @@ class SpotEngine(BaseEngine):
         symbol = position.symbol
         if position.stop_loss is None:
             return
+        if not self.ctx.gate.engine_exits_pass():
+            return  # HALTED: a stop would be refused, and replacing one that does not fit would cancel it first
         now = self.clock.now()
         if force:  # a new position (or a new process): a backoff earned by an earlier one does not apply
             self._stop_backoff.pop(symbol, None)

@@ -190,7 +190,8 @@ class GlobalRiskMonitor:
         equity = sum(equity_by_engine.values(), ZERO)
         if not equity.is_finite():
             raise ValueError(f"equity must be finite, got {equity}")
-        self._rebase_on_engine_change(now, equity_by_engine)
+        if not self._rebase_on_engine_change(now, equity_by_engine):
+            return []  # another set of engines, with nothing to measure it from yet: nothing to judge
         self._track(now, equity)
         s = self._s
         if s.trading_state is TradingState.HALTED:
@@ -216,19 +217,27 @@ class GlobalRiskMonitor:
         names = tuple(sorted(equity_by_engine))
         if before is None or before == names or self._s.initial_equity is None:
             return None
+        if sum(equity_by_engine.values(), ZERO) <= 0:
+            return None  # no base to start again from: put off until there is one (see below)
         return before, names
 
-    def _rebase_on_engine_change(self, now: float, equity_by_engine: Mapping[str, Decimal]) -> None:
+    def _rebase_on_engine_change(self, now: float, equity_by_engine: Mapping[str, Decimal]) -> bool:
         """An engine turned off (or on) takes its wallet out of (or into) the measured equity. That is
         neither a loss nor a gain: left alone, turning futures off would read as losing its share and
         could fire the kill switch and flatten everything. The baselines start again from this equity,
-        as a resume does; the trading state, a cooldown and a halt stay as they are."""
+        as a resume does; the trading state, a cooldown and a halt stay as they are. Not on an equity of
+        zero or less (an empty wallet at the restart): that base would switch the limits off, so the old
+        engines and baselines stay until the new set has a positive figure, and until then nothing is
+        judged (the old baselines measure other wallets). False in that case."""
         names = tuple(sorted(equity_by_engine))
-        if self.engine_change(equity_by_engine) is not None:
+        if self._s.engines is not None and self._s.engines != names and self._s.initial_equity is not None:
+            if self.engine_change(equity_by_engine) is None:
+                return False  # the new set's equity is not positive yet
             equity = sum(equity_by_engine.values(), ZERO)
             self._rebase(now, equity)
             self._s.initial_equity = equity
         self._s.engines = names
+        return True
 
     def _track(self, now: float, equity: Decimal) -> None:
         s = self._s

@@ -250,3 +250,33 @@ async def test_the_owner_hears_when_the_breaker_stays_blind_and_when_it_sees_aga
         assert not seeing.blind and "sees the whole account" in (format_event(seeing) or "")
     finally:
         await ledger.close()
+
+
+def test_an_engine_change_onto_an_empty_wallet_waits_for_a_positive_figure() -> None:
+    """Spot turned off, and the futures wallet reads 0 at the restart (funds in transit): no base of
+    zero (the limits would be off), and nothing judged against the old wallets' baselines."""
+    m = GlobalRiskMonitor(limits())
+    m.update(NOON, {"spot": D(6000), "futures": D(4000)})
+    again = GlobalRiskMonitor(limits(), RiskState.from_dict(m.state.to_dict()))
+    assert again.engine_change({"futures": D(0)}) is None
+    assert again.update(NOON + 60, {"futures": D(0)}) == []
+    assert again.trading_state is TradingState.ACTIVE
+    assert (again.state.engines, again.state.initial_equity) == (("futures", "spot"), D(10000))
+    assert again.engine_change({"futures": D(4000)}) == (("futures", "spot"), ("futures",))
+    again.update(NOON + 120, {"futures": D(4000)})  # funded: the new base
+    assert again.state.initial_equity == D(4000)
+    [t] = again.update(NOON + 180, {"futures": D(400)})  # 90 % of it lost: the kill switch
+    assert t.new is TradingState.HALTED
+
+
+@bounded(20)
+async def test_resume_on_an_empty_account_says_so(tmp_path: Path) -> None:
+    orch, spot, fut, ledger = await rig(tmp_path, saved(TradingState.HALTED))
+    try:
+        spot.equity, fut.equity = D(0), D(0)  # both wallets read: the account is empty
+        await orch._refresh_books()
+        refused = await orch.resume("all", by="telegram:1")
+        assert not refused.ok and "equity is 0" in refused.message and "incomplete" not in refused.message
+        assert orch.trading_state is TradingState.HALTED
+    finally:
+        await ledger.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from core.errors import TemporaryError
 from core.types import OrderState, OrderType, PositionSide, Ticker, TradingState
 from exchange.base import OrderRequest, OrderUpdate
 from tests import test_futures_protective_stop as protective
@@ -162,3 +163,53 @@ async def test_a_stop_loss_filled_by_the_exchange_is_counted_in_the_trade_metric
         rig.feed.signal.bump()
         await until(task.done)
         await task
+
+
+@bounded(30)
+async def test_an_entry_left_unknown_is_not_sent_again_while_it_may_have_filled(make_rig: Any) -> None:
+    side = PositionSide.LONG
+    rig = await make_rig(side)
+    rig.ctx.orders.max_resolve_seconds = 0.0  # the resolution gives up at its first unanswered question
+    real_create, real_fetch = rig.exchange.create_order, rig.exchange.fetch_order
+    entries: list[str] = []
+    outage = {"on": True}
+
+    async def create(request: OrderRequest) -> OrderUpdate:
+        update = await real_create(request)  # it reaches the exchange and fills...
+        if request.order_type is OrderType.MARKET and not request.reduce_only:
+            entries.append(request.client_order_id)
+            if outage["on"]:
+                raise TimeoutError("answer lost")  # ...but the answer never comes back
+        return update
+
+    async def fetch(symbol: str, cid: str) -> OrderUpdate:
+        if outage["on"]:
+            raise TemporaryError("exchange unreachable (test)")
+        return await real_fetch(symbol, cid)
+
+    rig.exchange.create_order = create  # type: ignore[method-assign]
+    rig.exchange.fetch_order = fetch  # type: ignore[method-assign]
+    rig.feed.trend(SYMBOL, side)
+    await rig.step()
+    assert len(entries) == 1
+    [order] = await rig.ledger.orders_in_states([OrderState.UNKNOWN], engine="futures")
+    bar = rig.engine._entry_bar.get(SYMBOL)
+    # The scan interval passes on the same 15m bar; the fill has not reached the ledger yet.
+    await rig.clock.advance(rig.engine.params.scan_interval + 1)
+    rig.feed.trend(SYMBOL, side)
+    await rig.step()
+    assert len(entries) == 1, (
+        f"a second entry was sent while the first ({order.client_order_id}) is UNKNOWN and filled on the "
+        f"exchange (entry bar guard: {bar})")
+    # Not on a later bar either, while the first stays in doubt.
+    await rig.clock.advance(15 * 60)
+    rig.feed.trend(SYMBOL, side)
+    await rig.step()
+    assert len(entries) == 1
+    # The exchange answers again: the order poll brings the fill in, and the next step protects it.
+    outage["on"] = False
+    assert await rig.ctx.orders.poll_open_orders() == 1
+    await rig.step()
+    position = await rig.position()
+    assert position is not None and position.stop_loss is not None
+    assert await rig.exchange_stops() == 1

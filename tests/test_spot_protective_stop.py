@@ -16,7 +16,7 @@ import pytest
 
 from config import load_settings
 from core.clock import SimClock
-from core.errors import DependencyError
+from core.errors import DependencyError, TemporaryError
 from core.events import EventBus
 from core.types import CandleSeries, Fill, MarketType, Order, OrderState, OrderType, Side, Ticker
 from engines import spot as spot_module
@@ -455,3 +455,53 @@ async def test_an_entry_filled_after_its_answer_gets_levels_and_a_stop(rig: Rig)
     stop = await rig.ledger.get_order(position.meta["stop_order"])
     assert stop is not None and stop.state is OrderState.OPEN and stop.stop_price == position.stop_loss
     assert rig.sells == [OrderType.STOP_MARKET]
+
+
+async def test_while_halted_a_stop_that_does_not_fit_is_not_cancelled(rig: Rig) -> None:
+    """Replacing a stop that no longer fits the position cancels it first; while HALTED the replacement
+    would be refused, so the engine leaves the stop as it is (the flattening deals with the position)."""
+    await enter(rig)
+    old_id = rig.engine.positions[SYMBOL].meta["stop_order"]
+    # Part of the position sold by hand (a foreign fill): the resting stop no longer fits.
+    await rig.ledger.record_fill(Fill(client_order_id="by-hand", trade_id="hand-1", engine="spot",
+                                      market=MarketType.SPOT, symbol=SYMBOL, side=Side.SELL, amount=Decimal("5"),
+                                      price=Decimal(100), fee=Decimal(0), fee_asset="USDT",
+                                      ts=rig.ctx.clock.now()))
+    await rig.engine.refresh_positions()
+    await rig.ledger.update_position("spot", SYMBOL, meta={})
+    rig.engine.positions[SYMBOL].meta = {}
+    rig.ctx.gate._monitor.kill(rig.ctx.clock.now(), "kill by test")
+    await rig.engine.protect(rig.engine.positions[SYMBOL], force=True)
+    assert (await rig.ledger.get_order(old_id)).state is OrderState.OPEN  # type: ignore[union-attr]
+    assert rig.sells == [OrderType.STOP_MARKET]
+    assert SYMBOL not in rig.engine._stop_backoff, "no backoff earned by a refusal that outlives the halt"
+
+
+async def test_an_entry_left_unknown_blocks_another_entry_until_it_settles(rig: Rig) -> None:
+    """A buy whose send got no answer may have filled: a second buy of the symbol would double the
+    position once both did. Entries of the symbol wait until the first one is settled."""
+    original = rig.exchange.create_order
+    buys: list[str] = []
+
+    async def answer_lost(request):  # type: ignore[no-untyped-def]
+        update = await original(request)  # placed and filled on the exchange...
+        if request.order_type is OrderType.MARKET and request.side is Side.BUY:
+            buys.append(request.client_order_id)
+            raise TimeoutError("answer lost (test)")  # ...but the answer never arrives
+        return update
+
+    async def unreachable(symbol, client_order_id):  # type: ignore[no-untyped-def]
+        raise TemporaryError("exchange unreachable (test)")
+
+    real_fetch = rig.exchange.fetch_order
+    rig.exchange.create_order = answer_lost  # type: ignore[method-assign]
+    rig.exchange.fetch_order = unreachable  # type: ignore[method-assign]
+    rig.ctx.orders.max_resolve_seconds = 0.0  # the resolution gives up at its first unanswered question
+    ticker = rig.feed.ticker(SYMBOL)
+    assert ticker is not None
+    await rig.engine.enter(SYMBOL, ticker, "test entry")
+    assert await rig.engine.entry_in_doubt(SYMBOL)
+    rig.exchange.fetch_order = real_fetch  # type: ignore[method-assign]
+    assert await rig.ctx.orders.poll_open_orders() == 1  # settled: it had filled
+    assert not await rig.engine.entry_in_doubt(SYMBOL)
+    assert len(buys) == 1
