@@ -125,7 +125,7 @@ def run_daemon(duration: float, sample: float, base_env: dict[str, str]) -> Daem
         with open(log_path, "w") as log, open(log_path) as reader:
             t0 = time.perf_counter()
             proc = subprocess.Popen(
-                [PYTHON, "main.py", "--replay", "--env-file", str(Path(tmp) / "no.env")],
+                [PYTHON, "main.py", "--replay", "--env-file", os.devnull],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
             )
             try:

@@ -85,7 +85,7 @@ def start_daemon(env: dict[str, str], *, importtime: bool = False, preimport: bo
     run = StartRun()
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
         env = {**env, "DATA_DIR": str(Path(tmp) / "var"), "LOG_FORMAT": "json"}
-        daemon_args = ["--replay", "--env-file", str(Path(tmp) / "no.env")]
+        daemon_args = ["--replay", "--env-file", os.devnull]
         if preimport:
             code = (f"import {', '.join(BARE_IMPORTS)}; import runpy, sys; "
                     f"sys.argv = ['main.py', *{daemon_args!r}]; runpy.run_path('main.py', run_name='__main__')")

@@ -212,3 +212,13 @@ def test_env_file_is_read(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"SPOT_MAX_POSITIONS\s+7", proc.stdout)
     assert re.search(r"SPOT_SYMBOLS\s+ETH/USDT", proc.stdout)
+
+
+def test_an_empty_settings_file_such_as_dev_null_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks run the daemon with `--env-file /dev/null`: the defaults, whatever `.env` holds."""
+    import main as cli
+
+    for name in list(os.environ):
+        if name.lower() in Settings.model_fields:
+            monkeypatch.delenv(name, raising=False)
+    assert cli.main(["check-config", "--env-file", os.devnull]) == 0
