@@ -68,7 +68,13 @@ class MetricsReport:
 
 
 def _round(value: Decimal, places: str) -> Decimal:
-    return value.quantize(Decimal(places))
+    """Rounded to `places`, whatever its size: quantize needs every digit down to `places`, more than
+    the context holds for a huge ratio (a profit factor over a loss of a few satoshi), and would raise."""
+    exponent = Decimal(places).as_tuple().exponent
+    assert isinstance(exponent, int)
+    digits = max(1, value.adjusted() - exponent + 2)
+    with localcontext(prec=max(_PRECISION, digits)):
+        return value.quantize(Decimal(places))
 
 
 def metrics(pnls: Iterable[Decimal]) -> Metrics:

@@ -58,8 +58,8 @@ T = TypeVar("T")
 Synchronous = Literal["NORMAL", "FULL"]
 
 # Average prices and partial cost bases need a division; 40 digits keep the rounding far below any
-# exchange's precision, and a position's last reduction takes its remaining cost exactly, so a round
-# trip's realized P&L is its cash P&L.
+# exchange's precision, and a position's last reduction realizes the trade's exact total (see
+# `apply_fill`), so a round trip's realized P&L is its cash P&L.
 _MONEY = Context(prec=40)
 
 
@@ -207,9 +207,19 @@ def apply_fill(
             book.fees += fee
             return book, ZERO, None
         reduce = min(qty, book.amount)
-        removed = book.cost if reduce == book.amount else book.cost * reduce / book.amount
+        closing = reduce == book.amount
+        removed = book.cost if closing else book.cost * reduce / book.amount
         exit_value = reduce * fill.price
-        gross = exit_value - removed if book.side is PositionSide.LONG else removed - exit_value
+        if closing:
+            # The whole trade's gross from its exact sums (every entry and exit value is a product of
+            # exchange figures, exact here), less what the partial reductions already realized: their
+            # shares of the cost were rounded, and a running balance of 40 digits can lose their tail,
+            # which would leave a cash-breakeven trade at +-1E-38 (a "win" or a "loss").
+            exits = book.exit_value + exit_value
+            total = exits - book.entry_value if book.side is PositionSide.LONG else book.entry_value - exits
+            gross = total - book.realized
+        else:
+            gross = exit_value - removed if book.side is PositionSide.LONG else removed - exit_value
         close_fee = fee if reduce == qty else fee * reduce / qty
         book.amount -= reduce
         book.cost -= removed

@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal, localcontext
 from pathlib import Path
 
 import pytest
@@ -374,6 +374,59 @@ async def _round_trip(steps: list[tuple[Side, Decimal, Decimal, Decimal]], last_
             assert await ledger.realized_pnl() == total
             assert len(await ledger.closed_trades(limit=1000)) == len(trades)
             assert len(await ledger.fills()) == len(fills)
+
+
+async def test_a_cash_breakeven_round_trip_with_a_partial_close_is_exactly_zero(tmp_path: Path) -> None:
+    """Buy 1 @ 100 and 2 @ 101 (302 paid), sell 0.002 @ 95.67 and 2.998 @ 100.67 (302 received): the
+    partial close's share of the cost is rounded, and a 40-digit running balance used to leave
+    -3.33E-38 behind, a "loss" in the trade metrics (whose profit factor then could not be computed)."""
+    steps = [(Side.BUY, "1", "100"), (Side.BUY, "2", "101"), (Side.SELL, "0.002", "95.67"),
+             (Side.SELL, "2.998", "100.67")]
+    async with await Ledger.open(tmp_path / "l.sqlite3", SimClock(T0)) as ledger:
+        per_fill = [(await ledger.record_fill(make_fill(f"o{i}", f"t{i}", side, amount, price, ts=T0 + i))).realized_pnl
+                    for i, (side, amount, price) in enumerate(steps)]
+        [trade] = await ledger.closed_trades()
+        assert trade.realized_pnl == 0
+        assert per_fill[2].copy_negate() == per_fill[3] != 0  # the partial's share, and the rest of the total
+        assert await ledger.realized_pnl() == 0
+
+
+_exact_round_trip = st.tuples(
+    st.lists(st.tuples(st.integers(1, 5000).map(lambda n: D(n).scaleb(-3)),
+                       st.integers(1, 2_000_000).map(lambda n: D(n).scaleb(-2))), min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(1, 1000), st.integers(1, 2_000_000).map(lambda n: D(n).scaleb(-2)),
+                       st.integers(0, 500).map(lambda n: D(n).scaleb(-4))), min_size=1, max_size=6),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trip=_exact_round_trip)
+def test_a_round_trip_without_a_flip_realizes_its_cash_pnl_exactly(
+    trip: tuple[list[tuple[Decimal, Decimal]], list[tuple[int, Decimal, Decimal]]]
+) -> None:
+    """Entries, then exits in parts (weights of the whole) that close it: the trade's realized P&L is
+    the cash it made, to the last digit, whatever the partial closes' rounded shares of the cost."""
+    asyncio.run(_exact_trip(*trip))
+
+
+async def _exact_trip(buys: list[tuple[Decimal, Decimal]], sells: list[tuple[int, Decimal, Decimal]]) -> None:
+    held = sum((a for a, _ in buys), ZERO)
+    weights = sum(w for w, _, _ in sells)
+    amounts = [(held * w / weights).quantize(D("0.000001"), rounding=ROUND_DOWN) for w, _, _ in sells[:-1]]
+    amounts.append(held - sum(amounts, ZERO))
+    if any(a <= 0 for a in amounts):
+        return
+    fills = [make_fill(f"b{i}", f"tb{i}", Side.BUY, a, p, ts=T0 + i) for i, (a, p) in enumerate(buys)]
+    fills += [make_fill(f"s{i}", f"ts{i}", Side.SELL, a, p, fee=f, ts=T0 + 100 + i)
+              for i, (a, (_, p, f)) in enumerate(zip(amounts, sells, strict=True))]
+    with tempfile.TemporaryDirectory() as tmp:
+        async with await Ledger.open(Path(tmp) / "l.sqlite3", SimClock(T0)) as ledger:
+            for fill in fills:
+                await ledger.record_fill(fill)
+            [trade] = await ledger.closed_trades()
+    with localcontext(prec=100):
+        cash = sum((f.amount * f.price * (1 if f.side is Side.SELL else -1) - f.fee for f in fills), ZERO)
+    assert trade.realized_pnl == cash
 
 
 # --- state, sequences, journal ---------------------------------------------------------------------

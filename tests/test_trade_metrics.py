@@ -80,3 +80,11 @@ async def test_load_report_reads_the_ledgers_closed_trades(tmp_path: Path) -> No
     assert r.overall.trades == 2 and r.overall.wins == 1
     assert r.overall.total_pnl == D("4.6")
     assert r.overall.largest_loss == D("-5.2")
+
+
+def test_a_profit_factor_over_a_tiny_loss_is_reported_not_raised() -> None:
+    """100 over a loss of 3.33E-38 needs 43 digits at 4 places: more than the 40-digit context, which
+    used to raise InvalidOperation at every engine start (the metrics are loaded in load_state)."""
+    m = metrics([Decimal("100"), Decimal("-3.33E-38")])
+    assert (m.trades, m.wins, m.losses) == (2, 1, 1)
+    assert m.profit_factor is not None and m.profit_factor > Decimal("1E+39")
