@@ -782,17 +782,13 @@ class Orchestrator:
                 positions = await self._ledger().positions(name)
                 for position in positions:
                     if self.feeds[name].ticker(position.symbol) is None:
-                        remaining += 1
                         log.error("flatten postponed: no price yet", engine=name, symbol=position.symbol)
                         continue
                     try:
-                        closed = await self._flatten_one(part, position, resting, system=system, reason=reason)
+                        await self._flatten_one(part, position, resting, system=system, reason=reason)
                     except _EXCHANGE_TROUBLE as exc:
-                        closed = False
                         log.error("flatten step failed; the next pass tries again", engine=name,
                                   symbol=position.symbol, error=repr(exc))
-                    if not closed:
-                        remaining += 1
                 # Entry orders still resting (limit entries) go too; protective stops of positions that
                 # could not be closed stay.
                 for order in resting:
@@ -800,22 +796,52 @@ class Orchestrator:
                         await self._cancel_quietly(part, order)
                 if part.context is not None:
                     await self._refresh_engine_positions(name)
+                remaining += await self._left_to_flatten(part)
         return remaining
+
+    async def _left_to_flatten(self, part: EngineParts) -> int:
+        """What the ledger says is still open after a pass, not what the pass meant to close: an entry
+        cancel that turned out filled adds a position, and an entry sent without a clear answer (an
+        outage just before the kill) may still turn into one, so it counts until it settles. A remainder
+        too small to sell does not count: no pass could close it."""
+        name = part.name
+        left = 0
+        for position in await self._ledger().positions(name):
+            step = part.exchange.market(position.symbol).amount_step
+            if quantize_down(position.amount, step) > 0:
+                left += 1
+        doubtful = [o for o in await self._ledger().orders_in_states([OrderState.PENDING, OrderState.UNKNOWN],
+                                                                      engine=name) if not o.reduce_only]
+        if doubtful:
+            log.warning("flattening waits on entries whose outcome is not known yet", engine=name,
+                        client_order_ids=[o.client_order_id for o in doubtful])
+        return left + len(doubtful)
 
     async def _flatten_one(self, part: EngineParts, position: Position, resting: list[Order], *,
                            system: bool, reason: str) -> bool:
-        """Cancel the position's resting orders, then sell it at market. True when nothing is left."""
+        """Cancel the position's resting orders, then sell what is still held at market. True when
+        nothing is left."""
         name = part.name
         # Resting orders on this symbol first: a protective stop would sell the same coins.
         for order in [o for o in resting if o.symbol == position.symbol]:
-            await part.orders.cancel(order)
+            settled = await part.orders.cancel(order)
+            if not settled.order.state.is_terminal:
+                log.error("flatten waits: an order on the symbol is still working", engine=name,
+                          symbol=position.symbol, client_order_id=order.client_order_id,
+                          state=str(settled.order.state))
+                return False
+        # Read again: a stop that fired before its cancel (a kill in a falling market) has sold some or
+        # all of it, and selling the amount read before would sell coins the position no longer has.
+        current = await self._ledger().position(name, position.symbol)
+        if current is None or current.side is not position.side:
+            return True
         market = part.exchange.market(position.symbol)
-        amount = quantize_down(position.amount, market.amount_step)
+        amount = quantize_down(current.amount, market.amount_step)
         if amount <= 0:
             return True
         intent = OrderIntent(
-            engine=name, market=position.market, symbol=position.symbol,
-            side=position.side.exit_side, amount=amount, order_type=OrderType.MARKET,
+            engine=name, market=current.market, symbol=current.symbol,
+            side=current.side.exit_side, amount=amount, order_type=OrderType.MARKET,
             reduce_only=True, system_flatten=system, reason=f"flatten: {reason}",
         )
         decision = self._gate().check(intent, equity=self._equity, open_positions=0, has_position=True)
@@ -1076,6 +1102,7 @@ class Orchestrator:
             day_pnl=mon.daily_pnl(self._equity), day_pnl_pct=mon.daily_pnl_pct(self._equity),
             drawdown_pct=mon.drawdown_pct(self._equity),
             uptime_seconds=self.clock.monotonic() - self._started_at,
+            breaker_blind=self.breaker_blind(),
         )
 
     async def positions(self) -> list[Position]:
@@ -1186,6 +1213,11 @@ class Orchestrator:
                                         f"need a positive base; fund the account first")
         return CommandResult(False, f"cannot {what} yet: the books are incomplete ({self._missing_books()}) "
                                     f"and the breaker would re-base on a wrong equity; try again in a minute")
+
+    def breaker_blind(self) -> str | None:
+        """What keeps the breaker from judging, once that has lasted long enough to alert; None while it
+        sees the whole account. /healthz is unhealthy meanwhile."""
+        return self._missing_books() if self._risk_blind_alerted else None
 
     def _missing_books(self) -> str:
         """What keeps the books incomplete, for the owner."""

@@ -99,13 +99,21 @@ async def reconcile_engine(
     ledger_positions = {p.symbol: p for p in await ledger.positions(name)}
     try:
         if exchange.market_type is MarketType.FUTURES:
-            for pos in await exchange.fetch_positions():
+            theirs = await exchange.fetch_positions()
+            for pos in theirs:
                 mine = ledger_positions.get(pos.symbol)
                 if mine is None:
                     finding("unknown position", f"{pos.symbol} {pos.side} {pos.amount}")
                 elif mine.amount != pos.amount or mine.side != pos.side:
                     finding("position differs", f"{pos.symbol}: ledger {mine.side} {mine.amount}, "
                                                 f"exchange {pos.side} {pos.amount}")
+            # The other way round too: a liquidation or a close by hand while the daemon was down leaves
+            # the ledger holding a position the account no longer has.
+            present = {pos.symbol for pos in theirs}
+            for symbol, mine in ledger_positions.items():
+                if symbol not in present:
+                    finding("position missing on exchange", f"{symbol}: ledger holds {mine.side} {mine.amount}, "
+                                                            f"the exchange has no position")
         else:
             balance = await exchange.fetch_balance()
             for symbol, mine in ledger_positions.items():

@@ -39,6 +39,9 @@ class StatusReport:
     day_pnl_pct: Decimal
     drawdown_pct: Decimal
     uptime_seconds: float
+    # What keeps the breaker from judging, once that has lasted long enough to alert (BreakerBlind);
+    # None while it sees the whole account.
+    breaker_blind: str | None = None
 
 
 @value_type

@@ -38,7 +38,8 @@ class Health:
 
 def assess(report: StatusReport, warning_seconds: float) -> Health:
     """Healthy when every enabled engine is running or paused with a heartbeat younger than the
-    warning threshold. No enabled engine at all is unhealthy: such a daemon does nothing."""
+    warning threshold, and the circuit breaker can judge the account (`breaker_blind`). No enabled engine at
+    all is unhealthy: such a daemon does nothing."""
     engines: dict[str, dict[str, Any]] = {}
     all_ok = True
     enabled = 0
@@ -61,7 +62,8 @@ def assess(report: StatusReport, warning_seconds: float) -> Health:
             "healthy": problem is None,
             "problem": problem,
         }
-    healthy = all_ok and enabled > 0
+    # Engines beating while no loss limit can be checked is not a healthy daemon either.
+    healthy = all_ok and enabled > 0 and report.breaker_blind is None
     body: dict[str, Any] = {
         "healthy": healthy,
         "mode": report.mode,
@@ -71,6 +73,8 @@ def assess(report: StatusReport, warning_seconds: float) -> Health:
     }
     if enabled == 0:
         body["problem"] = "no enabled engine"
+    elif report.breaker_blind is not None:
+        body["problem"] = f"circuit breaker blind: {report.breaker_blind}"
     return Health(healthy, body)
 
 

@@ -241,12 +241,14 @@ async def test_the_owner_hears_when_the_breaker_stays_blind_and_when_it_sees_aga
             await orch._update_risk()
         [blind] = [e for e in seen if isinstance(e, BreakerBlind)]
         assert blind.blind and "no balance from futures" in blind.detail
+        assert orch.breaker_blind() == blind.detail  # in the status report: /healthz answers 503 meanwhile
         text = format_event(blind)
         assert text is not None and "blind" in text and "futures" in text
         fut.down = False
         await orch._refresh_books()
         await orch._update_risk()
         [_, seeing] = [e for e in seen if isinstance(e, BreakerBlind)]
+        assert orch.breaker_blind() is None
         assert not seeing.blind and "sees the whole account" in (format_event(seeing) or "")
     finally:
         await ledger.close()

@@ -162,6 +162,15 @@ async def test_healthz_503_when_status_hangs(server: Any) -> None:
     assert body["problem"] == "status unavailable"
 
 
+def test_a_blind_circuit_breaker_is_unhealthy() -> None:
+    """Engines beating while no loss limit can be checked (a balance unanswered for minutes)."""
+    blind = dataclasses.replace(report(), breaker_blind="no balance from spot")
+    health = assess(blind, WARNING)
+    assert not health.healthy
+    assert health.body["problem"] == "circuit breaker blind: no balance from spot"
+    assert assess(report(), WARNING).healthy
+
+
 def test_no_enabled_engine_is_unhealthy() -> None:
     health = assess(report(engine("spot", "disabled", None)), WARNING)
     assert not health.healthy
