@@ -807,7 +807,11 @@ class Orchestrator:
         name = part.name
         left = 0
         for position in await self._ledger().positions(name):
-            step = part.exchange.market(position.symbol).amount_step
+            try:
+                step = part.exchange.market(position.symbol).amount_step
+            except _EXCHANGE_TROUBLE:
+                left += 1  # no market to size it by: still open, as far as anyone can tell
+                continue
             if quantize_down(position.amount, step) > 0:
                 left += 1
         doubtful = [o for o in await self._ledger().orders_in_states([OrderState.PENDING, OrderState.UNKNOWN],

@@ -13,7 +13,7 @@ from typing import Any
 
 from config import load_settings
 from core.clock import LiveClock
-from core.errors import InsufficientFunds, OrderNotFound
+from core.errors import DependencyError, InsufficientFunds, OrderNotFound
 from core.types import Fill, MarketType, Order, OrderState, OrderType, Side, Ticker, TradingState
 from engines.orchestrator import FLATTEN_KEY, Orchestrator
 from exchange.base import Balance, OrderRequest, OrderUpdate
@@ -226,5 +226,29 @@ async def test_flattening_is_not_done_while_an_entry_sent_before_the_kill_is_in_
         saved = await orch.ledger.get_state(FLATTEN_KEY)
         assert left == [], (f"flattening ended (pending={saved and saved['pending']}) before the entry in "
                             f"doubt settled; {left[0].amount} BTC now open, unprotected, while HALTED")
+    finally:
+        await orch.ledger.close()
+
+
+async def test_a_position_in_a_market_the_exchange_does_not_list_counts_as_open(tmp_path: Path) -> None:
+    """A symbol the exchange no longer lists (delisted): the pass cannot size or sell it, and must say
+    it is still open rather than end the flattening task with the exchange's error."""
+    ex = FakeSpot(btc=POS)
+    original = ex.market
+
+    def market(symbol: str) -> Any:
+        if symbol != SYM:
+            raise DependencyError(f"unknown market {symbol}")
+        return original(symbol)
+
+    ex.market = market  # type: ignore[method-assign]
+    orch = await bare_orchestrator(tmp_path, ex)
+    try:
+        ledger = orch.ledger
+        assert ledger is not None
+        await ledger.record_fill(Fill("gone1", "g1", "spot", MarketType.SPOT, "LUNA/USDT", Side.BUY, Decimal(5),
+                                      Decimal(1), Decimal(0), "USDT", LiveClock().now() - 60))
+        orch.monitor.kill(orch.clock.now(), "kill by test")
+        assert await orch.flatten_all(system=True, reason="kill by test") == 1
     finally:
         await orch.ledger.close()
