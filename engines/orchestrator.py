@@ -801,9 +801,9 @@ class Orchestrator:
 
     async def _left_to_flatten(self, part: EngineParts) -> int:
         """What the ledger says is still open after a pass, not what the pass meant to close: an entry
-        cancel that turned out filled adds a position, and an entry sent without a clear answer (an
-        outage just before the kill) may still turn into one, so it counts until it settles. A remainder
-        too small to sell does not count: no pass could close it."""
+        cancel that turned out filled adds a position, and an order sent without a clear answer (an
+        outage just before the kill) may still open, close or protect one, so it counts until it
+        settles. A remainder too small to sell does not count: no pass could close it."""
         name = part.name
         left = 0
         for position in await self._ledger().positions(name):
@@ -814,10 +814,9 @@ class Orchestrator:
                 continue
             if quantize_down(position.amount, step) > 0:
                 left += 1
-        doubtful = [o for o in await self._ledger().orders_in_states([OrderState.PENDING, OrderState.UNKNOWN],
-                                                                      engine=name) if not o.reduce_only]
+        doubtful = await self._ledger().orders_in_states([OrderState.PENDING, OrderState.UNKNOWN], engine=name)
         if doubtful:
-            log.warning("flattening waits on entries whose outcome is not known yet", engine=name,
+            log.warning("flattening waits on orders whose outcome is not known yet", engine=name,
                         client_order_ids=[o.client_order_id for o in doubtful])
         return left + len(doubtful)
 
@@ -834,6 +833,15 @@ class Orchestrator:
                           symbol=position.symbol, client_order_id=order.client_order_id,
                           state=str(settled.order.state))
                 return False
+        # An order of the symbol whose outcome is not known (an exit sale or a stop sent during an outage)
+        # may have sold already: selling again could sell coins the position no longer has. The order
+        # poll asks about it; the next pass goes on once it is settled.
+        doubtful = [o for o in await self._ledger().orders_in_states([OrderState.PENDING, OrderState.UNKNOWN],
+                                                                      engine=name) if o.symbol == position.symbol]
+        if doubtful:
+            log.warning("flatten waits: an order of the symbol has no known outcome yet", engine=name,
+                        symbol=position.symbol, client_order_ids=[o.client_order_id for o in doubtful])
+            return False
         # Read again: a stop that fired before its cancel (a kill in a falling market) has sold some or
         # all of it, and selling the amount read before would sell coins the position no longer has.
         current = await self._ledger().position(name, position.symbol)

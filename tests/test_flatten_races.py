@@ -252,3 +252,26 @@ async def test_a_position_in_a_market_the_exchange_does_not_list_counts_as_open(
         assert await orch.flatten_all(system=True, reason="kill by test") == 1
     finally:
         await orch.ledger.close()
+
+
+async def test_flatten_waits_for_an_exit_sale_in_doubt_on_the_symbol(tmp_path: Path) -> None:
+    """The engine's exit sale went out just before the kill and its answer was lost (UNKNOWN); the
+    exchange did fill it. Selling the position again would sell the owner's own coins and leave a
+    phantom short once the lost fill is recorded: the pass waits, and counts the order as open."""
+    ex = FakeSpot(btc=OWNERS_OWN)
+    orch = await bare_orchestrator(tmp_path, ex)
+    try:
+        await hold(orch, POS)
+        await orch.ledger.insert_order(order("exit1", Side.SELL, OrderType.MARKET, POS, OrderState.UNKNOWN,
+                                             reduce_only=True))
+        ex.orders["exit1"] = ex.fill("exit1", Side.SELL, POS, reduce_only=True)
+        orch.monitor.kill(orch.clock.now(), "kill by test")
+        assert await orch.flatten_all(system=True, reason="kill by test") == 2  # the position and the sale
+        assert [r for r in ex.sent if r.order_type is OrderType.MARKET] == []
+        await orch.parts["spot"].orders.poll_open_orders()  # the sale's fill arrives: the position is gone
+        assert await orch.ledger.positions() == []
+        assert await orch.flatten_all(system=True, reason="kill by test") == 0
+        assert [r for r in ex.sent if r.order_type is OrderType.MARKET] == []
+        assert ex.btc_free == OWNERS_OWN
+    finally:
+        await orch.ledger.close()
