@@ -218,12 +218,14 @@ def apply_fill(
             exits = book.exit_value + exit_value
             total = exits - book.entry_value if book.side is PositionSide.LONG else book.entry_value - exits
             gross = total - book.realized
+            realized_after = total  # set, not added: the sum could need a digit more than the context has
         else:
             gross = exit_value - removed if book.side is PositionSide.LONG else removed - exit_value
+            realized_after = book.realized + gross
         close_fee = fee if reduce == qty else fee * reduce / qty
         book.amount -= reduce
         book.cost -= removed
-        book.realized += gross
+        book.realized = realized_after
         book.fees += close_fee
         book.exit_amount += reduce
         book.exit_value += exit_value
