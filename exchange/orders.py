@@ -232,6 +232,7 @@ class OrderManager:
         self.max_resolve_seconds = max(4 * unknown_grace_seconds, 120.0)
         self._inflight: set[asyncio.Task[SubmitResult]] = set()
         self._resolving: set[str] = set()  # client order ids a `resolve_unknown` is asking about now
+        self._sending: set[str] = set()  # client order ids whose send (and its outcome) is in progress
         self._recording: set[asyncio.Task[SubmitResult]] = set()
         self._seq_next = 0
         self._seq_end = 0
@@ -348,11 +349,22 @@ class OrderManager:
         commit: Callable[[], Awaitable[None]] | None = None  # a logged row's commit, after the send
         if started is None:
             order = self._new_order(intent, await self.new_client_order_id())
-            await self.store.insert_order(order)
         else:
             order, commit = started.order, started.commit
-            if started.inserting is not None:
+        cid = order.client_order_id
+        self._sending.add(cid)  # its PENDING row is this task's until the outcome is recorded
+        try:
+            if started is None:
+                await self.store.insert_order(order)
+            elif started.inserting is not None:
                 await started.inserting
+            return await self._send_and_record(intent, order, request, commit, inline)
+        finally:
+            self._sending.discard(cid)
+
+    async def _send_and_record(self, intent: OrderIntent, order: Order, request: OrderRequest | None,
+                               commit: Callable[[], Awaitable[None]] | None, inline: _Inline | None
+                               ) -> SubmitResult:
         cid = order.client_order_id
         if request is None:  # (submit built it when it sent inline)
             request = self._request(intent, cid)
@@ -607,13 +619,22 @@ class OrderManager:
         Also one question each about orders left UNKNOWN: a resolution that gave up (the exchange did
         not answer for minutes) would otherwise wait for the next start-up, and meanwhile a stop placed
         during the outage could rest on the exchange unseen, or a filled entry miss from the books.
-        Orders whose send is still resolving them are left to it."""
+        Orders whose send is still resolving them are left to it. So is a PENDING row while its send is
+        in progress; one left PENDING with no send behind it past the grace (a send cut off by an error
+        nobody expected) is asked about like an unknown one."""
         changed = 0
         for order in await self.store.orders_in_states(
-            [OrderState.OPEN, OrderState.PARTIALLY_FILLED, OrderState.UNKNOWN], engine=self.engine
+            [OrderState.OPEN, OrderState.PARTIALLY_FILLED, OrderState.UNKNOWN, OrderState.PENDING],
+            engine=self.engine,
         ):
-            unknown = order.state is OrderState.UNKNOWN
-            if unknown and order.client_order_id in self._resolving:
+            cid = order.client_order_id
+            if order.state is OrderState.PENDING and (
+                cid in self._sending
+                or self.clock.now() < max(order.updated_at, order.created_at) + self.unknown_grace_seconds
+            ):
+                continue
+            unknown = order.state in (OrderState.UNKNOWN, OrderState.PENDING)
+            if unknown and cid in self._resolving:
                 continue
             try:
                 update = await self.clock.wait_for(

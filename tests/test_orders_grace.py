@@ -604,3 +604,22 @@ async def test_the_order_poll_leaves_an_order_its_send_is_still_resolving(rig: R
         await rig.clock.advance(5.0)
         result = await task
     assert result.order.client_order_id == order.client_order_id and result.order.state is OrderState.FILLED
+
+
+async def test_the_order_poll_settles_a_pending_row_no_send_holds_after_the_grace(rig: Rig) -> None:
+    """A row left PENDING with no send behind it (a send cut off by an error nobody expected) is asked
+    about like an unknown one once the grace has passed; a fresh one, or one whose send is still going,
+    is not."""
+    exchange = ScriptedExchange(fetch=[filled])
+    om = rig.manager(exchange)
+    now = rig.clock.now()
+    stuck = Order("kes1-stuck", "spot", MarketType.SPOT, SYMBOL, Side.BUY, OrderType.MARKET, Decimal("0.01"),
+                  None, None, False, OrderState.PENDING, now, now)
+    await rig.store.insert_order(stuck)
+    assert await om.poll_open_orders() == 0 and exchange.fetches == []  # within the grace: left alone
+    await rig.clock.advance(om.unknown_grace_seconds)
+    om._sending.add(stuck.client_order_id)
+    assert await om.poll_open_orders() == 0 and exchange.fetches == []  # a send still holds it
+    om._sending.discard(stuck.client_order_id)
+    assert await om.poll_open_orders() == 1
+    assert (await rig.store.get_order(stuck.client_order_id)).state is OrderState.FILLED  # type: ignore[union-attr]
