@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import difflib
 import io
+import os
 from collections.abc import Mapping
-from contextvars import ContextVar
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    DotEnvSettingsSource,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.errors import ConfigError
 
@@ -49,28 +43,6 @@ def _split_list(value: Any) -> Any:
     return value
 
 
-# The .env file's entries as load_settings() read them, for the duration of one Settings() call.
-_ENV_FILE_VALUES: ContextVar[Mapping[str, str | None] | None] = ContextVar("_ENV_FILE_VALUES", default=None)
-
-
-class _ReadEnvFile(DotEnvSettingsSource):
-    """pydantic-settings' own .env source (same precedence, case and empty-value rules) over entries that
-    load_settings() has already read and checked. The file is read only once because it may be a pipe
-    (`--env-file <(decrypt prod.env)`), which a second read would find empty: every setting silently
-    back to its default."""
-
-    def __init__(self, settings_cls: type[BaseSettings], values: Mapping[str, str | None]) -> None:
-        self._values = values
-        super().__init__(settings_cls, env_file=None)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {
-            (key if self.case_sensitive else key.lower()): value
-            for key, value in self._values.items()
-            if not (self.env_ignore_empty and value == "")
-        }
-
-
 class Settings(BaseSettings):
     # extra="ignore" is for the process environment, which holds PATH and the like; a name in the .env
     # file that is no setting is reported by load_settings() (a misspelt key would otherwise be dropped).
@@ -78,20 +50,6 @@ class Settings(BaseSettings):
         env_file=DEFAULT_ENV_FILE, env_file_encoding="utf-8", extra="ignore", case_sensitive=False,
         env_ignore_empty=True,
     )
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        values = _ENV_FILE_VALUES.get()
-        if values is not None:
-            dotenv_settings = _ReadEnvFile(settings_cls, values)
-        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     # --- environment ---------------------------------------------------------------------------
     trading_mode: Literal["paper", "testnet", "live"] = "paper"
@@ -429,13 +387,15 @@ def load_settings(
         path = Path(env_file)
         values = read_env_file(path, required=env_file_required)
         problems.extend(unknown_names(values, path))
-    token = _ENV_FILE_VALUES.set(values)
+    # The file is read once, here, and its values go in below the environment's: a second read by
+    # pydantic-settings would find a pipe (`--env-file <(decrypt prod.env)`) empty.
+    in_env = {name.lower() for name, value in os.environ.items() if value != ""}
+    from_file = {name.lower(): value for name, value in values.items()
+                 if value and name.lower() in Settings.model_fields and name.lower() not in in_env}
     try:
-        settings = Settings(**overrides)
+        settings = Settings(_env_file=None, **{**from_file, **overrides})  # type: ignore[call-arg]
     except ValidationError as exc:
         raise ConfigError(problems + [_describe(e) for e in exc.errors()]) from None
-    finally:
-        _ENV_FILE_VALUES.reset(token)
     problems.extend(cross_field_problems(settings))
     if problems:
         raise ConfigError(problems)
