@@ -772,7 +772,7 @@ class Orchestrator:
         is — its protective stop too — for the next pass, rather than cancelling the stop and failing
         to sell. So is one whose cancel or sale the exchange did not answer or refused: the error is
         logged and the next pass tries again (`_flatten_until_flat`); it never ends the flattening.
-        Returns how many positions are still open."""
+        Returns how many positions are still open, with the orders whose outcome is not known yet."""
         remaining = 0
         for name, part in self.parts.items():
             async with part.trade_lock:
@@ -821,9 +821,9 @@ class Orchestrator:
         return left + len(doubtful)
 
     async def _flatten_one(self, part: EngineParts, position: Position, resting: list[Order], *,
-                           system: bool, reason: str) -> bool:
-        """Cancel the position's resting orders, then sell what is still held at market. True when
-        nothing is left."""
+                           system: bool, reason: str) -> None:
+        """Cancel the position's resting orders, then sell what is still held at market. What is left
+        afterwards is counted from the ledger (`_left_to_flatten`)."""
         name = part.name
         # Resting orders on this symbol first: a protective stop would sell the same coins.
         for order in [o for o in resting if o.symbol == position.symbol]:
@@ -832,7 +832,7 @@ class Orchestrator:
                 log.error("flatten waits: an order on the symbol is still working", engine=name,
                           symbol=position.symbol, client_order_id=order.client_order_id,
                           state=str(settled.order.state))
-                return False
+                return
         # An order of the symbol whose outcome is not known (an exit sale or a stop sent during an outage)
         # may have sold already: selling again could sell coins the position no longer has. The order
         # poll asks about it; the next pass goes on once it is settled.
@@ -841,16 +841,16 @@ class Orchestrator:
         if doubtful:
             log.warning("flatten waits: an order of the symbol has no known outcome yet", engine=name,
                         symbol=position.symbol, client_order_ids=[o.client_order_id for o in doubtful])
-            return False
+            return
         # Read again: a stop that fired before its cancel (a kill in a falling market) has sold some or
         # all of it, and selling the amount read before would sell coins the position no longer has.
         current = await self._ledger().position(name, position.symbol)
         if current is None or current.side is not position.side:
-            return True
+            return
         market = part.exchange.market(position.symbol)
         amount = quantize_down(current.amount, market.amount_step)
         if amount <= 0:
-            return True
+            return
         intent = OrderIntent(
             engine=name, market=current.market, symbol=current.symbol,
             side=current.side.exit_side, amount=amount, order_type=OrderType.MARKET,
@@ -859,11 +859,10 @@ class Orchestrator:
         decision = self._gate().check(intent, equity=self._equity, open_positions=0, has_position=True)
         if not decision.allowed:
             log.error("flatten denied", engine=name, symbol=position.symbol, reason=decision.reason)
-            return False
+            return
         result = await part.orders.submit(intent)
         log.warning("flattened", engine=name, symbol=position.symbol, filled=str(result.filled),
                     error=result.error)
-        return result.filled >= amount
 
     @staticmethod
     async def _cancel_quietly(part: EngineParts, order: Order) -> bool:

@@ -531,7 +531,13 @@ class AlertSender:
 
     def subscribe(self, bus: EventBus) -> Subscription:
         """The bounded subscription `run()` reads: only wanted kinds, at most `max_queue` waiting."""
-        return bus.subscribe("alerts", maxsize=self._max_queue, kinds=self.settings.kinds)
+        return self.subscribe_to(bus, self.settings, self._max_queue)
+
+    @staticmethod
+    def subscribe_to(bus: EventBus, settings: AlertSettings, max_queue: int = ALERT_QUEUE) -> Subscription:
+        """The same subscription before the sender exists (the daemon listens from its first start-up
+        stage, Telegram comes up in its last)."""
+        return bus.subscribe("alerts", maxsize=max_queue, kinds=settings.kinds)
 
     @property
     def dropped(self) -> int:

@@ -55,8 +55,7 @@ class Operations:
         # reconciliation reports what it found, long before Telegram is up to send it.
         self._alert_sub: Subscription | None = None
         if settings.telegram_bot_token is not None:
-            self._alert_sub = bus.subscribe("alerts", maxsize=ALERT_QUEUE,
-                                            kinds=AlertSettings.from_settings(settings).kinds)
+            self._alert_sub = AlertSender.subscribe_to(bus, AlertSettings.from_settings(settings), ALERT_QUEUE)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _own(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
@@ -99,7 +98,7 @@ class Operations:
                 self.http = server
             except OSError as exc:
                 log.error("health endpoint could not start; going on without it", error=str(exc))
-        if s.telegram_bot_token is None:
+        if self._alert_sub is None:  # set exactly when TELEGRAM_BOT_TOKEN is
             log.info("telegram disabled: no TELEGRAM_BOT_TOKEN set")
         else:
             bot = TelegramBot.from_settings(s, control, self.clock, self.bus, base_url=self.telegram_base_url)
@@ -108,8 +107,7 @@ class Operations:
             sender = AlertSender(bot.send_message, s.telegram_chat_ids, self.clock,
                                  settings=AlertSettings.from_settings(s), max_queue=ALERT_QUEUE)
             self.alerts = sender
-            subscription = self._alert_sub if self._alert_sub is not None else sender.subscribe(self.bus)
-            self._own(sender.run(subscription), "alerts")
+            self._own(sender.run(self._alert_sub), "alerts")
             self._own(sender.run_daily_summary(control), "daily-summary")
 
     def ready(self, status: str) -> None:

@@ -213,13 +213,16 @@ class GlobalRiskMonitor:
     def engine_change(self, equity_by_engine: Mapping[str, Decimal]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         """(before, now) when these engines are not the ones the baselines were measured on, which the
         next `update` re-bases for; None otherwise. For the caller to tell the owner."""
-        before = self._s.engines
         names = tuple(sorted(equity_by_engine))
-        if before is None or before == names or self._s.initial_equity is None:
-            return None
-        if sum(equity_by_engine.values(), ZERO) <= 0:
-            return None  # no base to start again from: put off until there is one (see below)
+        before = self._s.engines
+        if before is None or not self._other_engines(names) or sum(equity_by_engine.values(), ZERO) <= 0:
+            return None  # the same engines, or no base to start again from yet (see below)
         return before, names
+
+    def _other_engines(self, names: tuple[str, ...]) -> bool:
+        """The baselines were measured on another set of engines (not known for an older snapshot)."""
+        s = self._s
+        return s.engines is not None and s.engines != names and s.initial_equity is not None
 
     def _rebase_on_engine_change(self, now: float, equity_by_engine: Mapping[str, Decimal]) -> bool:
         """An engine turned off (or on) takes its wallet out of (or into) the measured equity. That is
@@ -230,10 +233,10 @@ class GlobalRiskMonitor:
         engines and baselines stay until the new set has a positive figure, and until then nothing is
         judged (the old baselines measure other wallets). False in that case."""
         names = tuple(sorted(equity_by_engine))
-        if self._s.engines is not None and self._s.engines != names and self._s.initial_equity is not None:
-            if self.engine_change(equity_by_engine) is None:
-                return False  # the new set's equity is not positive yet
+        if self._other_engines(names):
             equity = sum(equity_by_engine.values(), ZERO)
+            if equity <= 0:
+                return False
             self._rebase(now, equity)
             self._s.initial_equity = equity
         self._s.engines = names
