@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from core.clock import SimClock
 from core.errors import ConfigError, DependencyError
 from exchange.candles import load_candles
 from exchange.replay import ReplayFeed
+from tests import test_feeds as feeds_tests
 from tests.bounded import bounded
 from tests.test_feeds import FIVE_MIN, FORMING, FakeBinance, kline_rows, live_feed, next_version
 
@@ -113,15 +113,7 @@ def test_candle_files_not_in_epoch_milliseconds_are_rejected(tmp_path: Path, fir
 # --- 3. the forming kline with the host clock ahead of Binance's -------------------------------------
 
 
-@pytest.fixture
-async def binance() -> AsyncIterator[FakeBinance]:
-    """tests/test_feeds.py's loopback Binance public API, on 127.0.0.1."""
-    fake = FakeBinance()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
+binance = feeds_tests.binance  # the fixture: tests/test_feeds.py's loopback Binance public API
 
 
 @bounded(30)

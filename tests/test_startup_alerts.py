@@ -5,16 +5,14 @@ the start, and the "started" message says how trading stands."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from config import load_settings
 from core.clock import LiveClock, start_of_utc_day
 from core.types import TradingState
 from engines.orchestrator import RISK_KEY, Orchestrator
 from storage.ledger import Ledger
+from tests import test_daemon_telegram as daemon_telegram_tests
 from tests.bounded import bounded
 from tests.fakes.telegram_api import TOKEN, FakeBotApi
 
@@ -22,14 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OWNER, CHAT = 4242, -100777
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeBotApi]:
-    api = FakeBotApi()
-    await api.start()
-    try:
-        yield api
-    finally:
-        await api.stop()
+fake = daemon_telegram_tests.fake  # the fixture: the loopback Bot API of tests/test_daemon_telegram.py
 
 
 @bounded(60)
