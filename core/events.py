@@ -203,6 +203,21 @@ class BreakerBlind(Event):
 
 
 @value_type(kw_only=True)
+class FlattenStuck(Event):
+    """A flattening has gone on for `seconds` and its last pass still left `positions` positions and
+    `orders` orders of unknown outcome (`stuck`); or, after such an alert, it has ended (`stuck` False,
+    with what it left, nothing unless trading was resumed first). `left` is one (engine, symbol, reason)
+    per symbol: why the last pass could not close it, which often needs a person (coins gone from the
+    account, a position the exchange no longer has, an order nobody can settle)."""
+
+    stuck: bool
+    seconds: float
+    positions: int
+    orders: int
+    left: tuple[tuple[str, str, str], ...] = ()
+
+
+@value_type(kw_only=True)
 class RiskRebased(Event):
     """The breaker's baselines started again from `equity` for a reason other than a person's command
     (the set of engines changed between runs)."""

@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,7 @@ from core.events import (
     EnginePaused,
     Event,
     EventBus,
+    FlattenStuck,
     PortfolioReported,
     RiskRebased,
     Subscription,
@@ -93,6 +94,12 @@ BREAKER_BLIND_ALERT_SECONDS = 300.0
 PAUSE_KEY = "pause"
 # A flattening (kill, or a trip with global_flatten_on_trip) not finished yet: a restart takes it up again.
 FLATTEN_KEY = "flatten"
+# How long a flattening may leave positions open before the owner is told (FlattenStuck), and how often
+# that is said again while it lasts. A few passes are normal (an answer in doubt, a price not in yet);
+# some leftovers (coins gone from the account, a position the exchange no longer has, a remainder below
+# the market's minimum) no pass can close: only a person can.
+FLATTEN_STUCK_ALERT_SECONDS = 120.0
+FLATTEN_STUCK_REPEAT_SECONDS = 1800.0
 # What an exchange call may raise that is about the exchange, not the daemon: logged, then retried later.
 _EXCHANGE_TROUBLE = (TimeoutError, TemporaryError, DependencyError, OperationalError)
 
@@ -142,6 +149,18 @@ class EngineBook:
     realized: Decimal = ZERO
     unrealized: Decimal = ZERO
     positions: tuple[Position, ...] = ()
+
+
+@dataclass(slots=True)
+class FlattenPass:
+    """What one flattening pass left open, and why: what the owner's FlattenStuck alert says. A reason
+    is noted (`why`) where the pass gives up on a symbol, the same places that log it; what is left
+    (`left`, the counts) comes from the ledger after the pass (`_left_to_flatten`), like its result."""
+
+    why: dict[tuple[str, str], str] = field(default_factory=dict)  # (engine, symbol) -> reason
+    left: dict[tuple[str, str], str] = field(default_factory=dict)  # still open -> reason
+    positions: int = 0
+    orders: int = 0  # orders whose outcome is not known yet
 
 
 class Orchestrator:
@@ -199,6 +218,7 @@ class Orchestrator:
         self._next_report = clock.monotonic() + STATUS_LOG_SECONDS
         self._flatten_task: asyncio.Task[Any] | None = None
         self._flatten_wanted: tuple[bool, str] = (False, "")
+        self._flatten_pass = FlattenPass()  # the current (or last) pass of the flattening
         self._lock_file: Any = None
         self._journal_sub: Subscription | None = None
         self.ready = asyncio.Event()
@@ -772,7 +792,9 @@ class Orchestrator:
         is — its protective stop too — for the next pass, rather than cancelling the stop and failing
         to sell. So is one whose cancel or sale the exchange did not answer or refused: the error is
         logged and the next pass tries again (`_flatten_until_flat`); it never ends the flattening.
-        Returns how many positions are still open, with the orders whose outcome is not known yet."""
+        Returns how many positions are still open, with the orders whose outcome is not known yet;
+        what they are and why they stay is in `_flatten_pass`."""
+        self._flatten_pass = FlattenPass()
         remaining = 0
         for name, part in self.parts.items():
             async with part.trade_lock:
@@ -783,12 +805,14 @@ class Orchestrator:
                 for position in positions:
                     if self.feeds[name].ticker(position.symbol) is None:
                         log.error("flatten postponed: no price yet", engine=name, symbol=position.symbol)
+                        self._flatten_pass.why[name, position.symbol] = "no price yet"
                         continue
                     try:
                         await self._flatten_one(part, position, resting, system=system, reason=reason)
                     except _EXCHANGE_TROUBLE as exc:
                         log.error("flatten step failed; the next pass tries again", engine=name,
                                   symbol=position.symbol, error=repr(exc))
+                        self._flatten_pass.why[name, position.symbol] = f"step failed: {exc!r}"
                 # Entry orders still resting (limit entries) go too; protective stops of positions that
                 # could not be closed stay.
                 for order in resting:
@@ -803,21 +827,30 @@ class Orchestrator:
         """What the ledger says is still open after a pass, not what the pass meant to close: an entry
         cancel that turned out filled adds a position, and an order sent without a clear answer (an
         outage just before the kill) may still open, close or protect one, so it counts until it
-        settles. A remainder too small to sell does not count: no pass could close it."""
+        settles. A remainder too small to sell does not count: no pass could close it. Each one left is
+        noted in `_flatten_pass` with the reason the pass gave for it."""
         name = part.name
+        done = self._flatten_pass
         left = 0
         for position in await self._ledger().positions(name):
+            key = (name, position.symbol)
             try:
                 step = part.exchange.market(position.symbol).amount_step
-            except _EXCHANGE_TROUBLE:
+            except _EXCHANGE_TROUBLE as exc:
                 left += 1  # no market to size it by: still open, as far as anyone can tell
+                done.left[key] = done.why.get(key, f"no market to size it by: {exc!r}")
                 continue
             if quantize_down(position.amount, step) > 0:
                 left += 1
+                done.left[key] = done.why.get(key, "still open after the pass")
         doubtful = await self._ledger().orders_in_states([OrderState.PENDING, OrderState.UNKNOWN], engine=name)
         if doubtful:
             log.warning("flattening waits on orders whose outcome is not known yet", engine=name,
                         client_order_ids=[o.client_order_id for o in doubtful])
+            for o in doubtful:  # an entry in doubt may hold no position (yet)
+                done.left.setdefault((name, o.symbol), f"no outcome known for order {o.client_order_id}")
+        done.positions += left
+        done.orders += len(doubtful)
         return left + len(doubtful)
 
     async def _flatten_one(self, part: EngineParts, position: Position, resting: list[Order], *,
@@ -832,6 +865,8 @@ class Orchestrator:
                 log.error("flatten waits: an order on the symbol is still working", engine=name,
                           symbol=position.symbol, client_order_id=order.client_order_id,
                           state=str(settled.order.state))
+                self._flatten_pass.why[name, position.symbol] = (
+                    f"an order on the symbol is still working ({order.client_order_id}, {settled.order.state})")
                 return
         # An order of the symbol whose outcome is not known (an exit sale or a stop sent during an outage)
         # may have sold already: selling again could sell coins the position no longer has. The order
@@ -841,6 +876,8 @@ class Orchestrator:
         if doubtful:
             log.warning("flatten waits: an order of the symbol has no known outcome yet", engine=name,
                         symbol=position.symbol, client_order_ids=[o.client_order_id for o in doubtful])
+            self._flatten_pass.why[name, position.symbol] = (
+                f"no outcome known for order {', '.join(o.client_order_id for o in doubtful)}")
             return
         # Read again: a stop that fired before its cancel (a kill in a falling market) has sold some or
         # all of it, and selling the amount read before would sell coins the position no longer has.
@@ -859,10 +896,16 @@ class Orchestrator:
         decision = self._gate().check(intent, equity=self._equity, open_positions=0, has_position=True)
         if not decision.allowed:
             log.error("flatten denied", engine=name, symbol=position.symbol, reason=decision.reason)
+            self._flatten_pass.why[name, position.symbol] = f"denied: {decision.reason}"
             return
         result = await part.orders.submit(intent)
         log.warning("flattened", engine=name, symbol=position.symbol, filled=str(result.filled),
                     error=result.error)
+        sale = result.order
+        if sale.state in (OrderState.PENDING, OrderState.UNKNOWN):  # not a refusal: nobody knows yet
+            self._flatten_pass.why[name, position.symbol] = f"no outcome known for order {sale.client_order_id}"
+        elif result.error is not None:
+            self._flatten_pass.why[name, position.symbol] = f"the exchange refused: {result.error}"
 
     @staticmethod
     async def _cancel_quietly(part: EngineParts, order: Order) -> bool:
@@ -886,9 +929,12 @@ class Orchestrator:
     async def _flatten_until_flat(self) -> None:
         """Pass after pass until nothing is left (or trading is ACTIVE again). The request is kept in the
         ledger until then, so a crash or a stop in the middle does not leave the rest open: the next start
-        takes it up again (`_resume_flatten`)."""
+        takes it up again (`_resume_flatten`). One that lasts is told to the owner (`_tell_if_stuck`),
+        and so is its end after that."""
         interval = self.settings.health_check_interval_seconds
         saved: tuple[bool, str] | None = None
+        started = self.clock.monotonic()
+        alerted_at: float | None = None
         while True:
             system, reason = self._flatten_wanted
             if saved != (system, reason):
@@ -897,9 +943,35 @@ class Orchestrator:
             remaining = await self.flatten_all(system=system, reason=reason)
             if remaining == 0 or self.trading_state is TradingState.ACTIVE:
                 await self._ledger().set_state(FLATTEN_KEY, {"pending": False, "system": system, "reason": reason})
+                if alerted_at is not None:
+                    self._publish_flatten_stuck(stuck=False, seconds=self.clock.monotonic() - started)
                 return
             log.warning("positions still open after flatten; trying again", remaining=remaining)
+            alerted_at = self._tell_if_stuck(started, alerted_at)
             await self.clock.sleep(interval)
+
+    def _tell_if_stuck(self, started: float, alerted_at: float | None) -> float | None:
+        """After FLATTEN_STUCK_ALERT_SECONDS with positions left, tell the owner what is left and why,
+        and again every FLATTEN_STUCK_REPEAT_SECONDS while it lasts: the log alone says it every pass,
+        where nobody reads it, and some leftovers wait for a person. Returns when it last told."""
+        now = self.clock.monotonic()
+        due = (now - started >= FLATTEN_STUCK_ALERT_SECONDS if alerted_at is None
+               else now - alerted_at >= FLATTEN_STUCK_REPEAT_SECONDS)
+        if not due:
+            return alerted_at
+        done = self._flatten_pass
+        log.error("flattening stuck: the owner is told", seconds=round(now - started), positions=done.positions,
+                  orders=done.orders, left=[f"{e} {s}: {why}" for (e, s), why in sorted(done.left.items())])
+        self._publish_flatten_stuck(stuck=True, seconds=now - started)
+        return now
+
+    def _publish_flatten_stuck(self, *, stuck: bool, seconds: float) -> None:
+        """One event for both the alert and its end (`stuck`), as BreakerBlind: one kind to subscribe to,
+        and the end carries what was left too (something, when trading was resumed first)."""
+        done = self._flatten_pass
+        left = tuple((engine, symbol, why) for (engine, symbol), why in sorted(done.left.items()))
+        self.bus.publish(FlattenStuck(ts=self.clock.now(), stuck=stuck, seconds=seconds, positions=done.positions,
+                                      orders=done.orders, left=left))
 
     async def _resume_flatten(self) -> None:
         """At start-up: a flattening the previous run did not finish goes on. HALTED always flattens

@@ -33,6 +33,7 @@ from core.events import (
     EngineStalled,
     Event,
     EventBus,
+    FlattenStuck,
     OrderFilled,
     PortfolioReported,
     PositionClosed,
@@ -134,6 +135,14 @@ def _state_word(state: TradingState) -> str:
     }[state]
 
 
+def _flatten_left(event: FlattenStuck) -> str:
+    """'2 positions, 1 order in doubt': what a flattening has not closed yet."""
+    parts = [f"{event.positions} position{'s' if event.positions != 1 else ''}"]
+    if event.orders:
+        parts.append(f"{event.orders} order{'s' if event.orders != 1 else ''} in doubt")
+    return ", ".join(parts)
+
+
 def format_trading_state(event: TradingStateChanged) -> str:
     reason = f": {event.reason}" if event.reason else ""
     if event.new is TradingState.HALTED:
@@ -208,6 +217,17 @@ def format_event(event: Event) -> str | None:
                     f"checked until the whole account can be valued again.")
         case BreakerBlind():
             return f"✅ Circuit breaker sees the whole account again (after {fmt_age(event.seconds)})."
+        case FlattenStuck(stuck=True):
+            return "\n".join([
+                f"⚠️ Flattening stuck for {fmt_age(event.seconds)}: {_flatten_left(event)} left. It keeps "
+                f"trying; these may need you:",
+                *(f"  {engine} {symbol}: {why}" for engine, symbol, why in event.left),
+            ])
+        case FlattenStuck(positions=0, orders=0):
+            return f"✅ Flattening finished after {fmt_age(event.seconds)}: nothing left open."
+        case FlattenStuck():
+            return (f"ℹ️ Flattening stopped after {fmt_age(event.seconds)} (trading resumed): "
+                    f"{_flatten_left(event)} left open.")
     return None
 
 
@@ -348,6 +368,7 @@ _ALWAYS_ON: frozenset[type[Event]] = frozenset(
         ReconciliationFinding,
         RiskRebased,
         BreakerBlind,
+        FlattenStuck,
     }
 )
 
