@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -262,15 +263,17 @@ class BaseEngine:
 
     # --- data freshness --------------------------------------------------------------------------
     def fresh_enough(self, symbol: str, ticker: Ticker | None, candles: CandleSeries | None,
-                     max_age: float) -> bool:
+                     max_age: float, now: float | None = None) -> bool:
         """False when the price or the candles have stopped arriving: entries wait, exits still run.
+        `now`: the caller's reading of the clock, if it has one.
 
         Logged and published once per stale episode per symbol, not on every tick.
         """
-        now = self.clock.now()
-        ages = [now - ticker.ts if ticker is not None else float("inf"),
-                now - candles.observed_at if candles is not None else float("inf")]
-        age = max(ages)
+        if now is None:
+            now = self.clock.now()
+        ticker_age = now - ticker.ts if ticker is not None else math.inf
+        candles_age = now - candles.observed_at if candles is not None else math.inf
+        age = candles_age if candles_age > ticker_age else ticker_age  # max(), NaN included
         if age <= max_age:
             if symbol in self._stale:
                 self._stale.discard(symbol)

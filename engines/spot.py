@@ -224,8 +224,7 @@ class SpotEngine(BaseEngine):
                           price=str(result.order.avg_price))
 
     # --- entries ---------------------------------------------------------------------------------
-    def _due_for_scan(self, symbol: str, newest_candle_ts: float) -> bool:
-        now = self.clock.now()
+    def _due_for_scan(self, symbol: str, newest_candle_ts: float, now: float) -> bool:
         if self._last_candle_ts.get(symbol) != newest_candle_ts:
             return True
         return now - self._last_scan_at.get(symbol, float("-inf")) >= self.scan_interval
@@ -235,11 +234,12 @@ class SpotEngine(BaseEngine):
         if candles is None or len(candles) == 0:
             return
         newest = float(candles.ts[-1])
-        if not self._due_for_scan(symbol, newest):
+        now = self.clock.now()  # one reading for the scan and freshness checks (a tick's work takes microseconds)
+        if not self._due_for_scan(symbol, newest, now):
             return
         self._last_candle_ts[symbol] = newest
-        self._last_scan_at[symbol] = self.clock.now()
-        if not self.fresh_enough(symbol, ticker, candles, self.max_age) or ticker is None:
+        self._last_scan_at[symbol] = now
+        if not self.fresh_enough(symbol, ticker, candles, self.max_age, now) or ticker is None:
             return
         if len(self.positions) >= self.ctx.settings.spot_max_positions:
             return

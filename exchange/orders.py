@@ -601,7 +601,7 @@ class OrderManager:
             return await self.resolve_unknown(order)
         if not defer_record or update.fills:
             return await self.apply_update(order, update)
-        task = asyncio.ensure_future(self.apply_update(order, update))
+        task = asyncio.get_running_loop().create_task(self.apply_update(order, update))
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
         # The caller's copy shows the outcome at once (apply_update sets the same fields when it runs).

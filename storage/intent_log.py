@@ -20,8 +20,14 @@ found in the log that the database lacks are inserted (as written: pending, so r
 the exchange for them by client order id), and the log is cleared.
 
 One record per slot: a 20-byte header (magic, CRC-32, payload length, sequence number) and the row
-as JSON, with its column names. A record torn by a crash mid-copy fails its CRC and is ignored, which
-is safe: the order is sent only after the copy has finished.
+with its column names, as two `marshal` dumps (the names' tuple, then the values' tuple). marshal
+rather than JSON because the encoding runs on the order path: one C call of about 0.4 us, where the
+JSON encoder was about 2.6 us and six calls through the json module's Python layer. Its format is
+stable across Python versions and it is only ever read back here, from our own file, after the CRC
+has passed, and only tuples of str, int, float, bool and None are accepted from it. The layout
+before (magic KEI1, the row as JSON) is still read, so rows an older version left are committed
+after an upgrade. A record torn by a crash mid-copy fails its CRC and is ignored, which is safe:
+the order is sent only after the copy has finished.
 
 Threads: `put` runs on the event loop's thread only; `release` on the ledger thread; open, `clear`
 and `close` on the ledger thread too (no `put` can be in progress then: the ledger refuses calls
@@ -31,7 +37,9 @@ free slots is only ever set item by item, which the GIL keeps whole.
 
 from __future__ import annotations
 
+import io
 import json
+import marshal
 import mmap
 import os
 import struct
@@ -41,7 +49,8 @@ from typing import Any
 
 from core.values import value_type
 
-MAGIC = b"KEI1"
+MAGIC = b"KEI2"
+MAGIC_JSON = b"KEI1"  # the earlier layout: the row as JSON (read, never written)
 _HEADER = struct.Struct("<4sIIQ")  # magic, crc32 of the payload (from seq), payload length, seq
 SLOT_SIZE = 1024
 SLOTS = 64
@@ -59,9 +68,8 @@ class LoggedRow:
     row: dict[str, Any]
 
 
-# One encoder for every record: `json.dumps` with any non-default argument builds a new one per call,
-# which cost more than everything else `put` does together.
-_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_SCALARS = (str, int, float, bool, type(None))
+Row = tuple[str | int | float | None, ...]  # what a record holds: plain values, which marshal takes
 
 
 def _crc(seq: int, payload: bytes) -> int:
@@ -85,24 +93,54 @@ def _read_records(data: bytes) -> list[LoggedRow]:
         magic, crc, length, seq = _HEADER.unpack_from(data, offset)
         if magic == _ZERO_MAGIC:
             continue
-        if magic != MAGIC:
+        if magic not in (MAGIC, MAGIC_JSON):
             raise UnknownIntentLog(f"slot {offset // SLOT_SIZE} starts with {magic!r}, not {MAGIC!r}")
         if length > MAX_PAYLOAD or offset + _HEADER.size + length > len(data):
             continue
         payload = data[offset + _HEADER.size: offset + _HEADER.size + length]
         if _crc(seq, payload) != crc:
             continue
-        try:
-            record = json.loads(payload)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        columns, values = record.get("c"), record.get("r")
-        if isinstance(columns, list) and isinstance(values, list) and len(columns) == len(values):
+        decoded = _decode(payload) if magic == MAGIC else _decode_json(payload)
+        if decoded is not None:
+            columns, values = decoded
             found.append(LoggedRow(seq, dict(zip(columns, values, strict=True))))
     found.sort(key=lambda r: r.seq)
     return found
+
+
+def _row_of(columns: object, values: object) -> tuple[list[str], list[object]] | None:
+    """Column names and values, when they are what `put` writes: as many names (str) as values."""
+    if not isinstance(columns, (list, tuple)) or not isinstance(values, (list, tuple)):
+        return None
+    if len(columns) != len(values) or not all(isinstance(c, str) for c in columns):
+        return None
+    return list(columns), list(values)
+
+
+def _decode(payload: bytes) -> tuple[list[str], list[object]] | None:
+    """This layout's payload: marshal's dump of the names' tuple, then of the values' tuple."""
+    stream = io.BytesIO(payload)
+    try:
+        columns = marshal.load(stream)
+        values = marshal.load(stream)
+    except (EOFError, ValueError, TypeError):
+        return None
+    if stream.tell() != len(payload) or not isinstance(values, tuple):
+        return None
+    if not all(isinstance(v, _SCALARS) for v in values):
+        return None
+    return _row_of(columns, values)
+
+
+def _decode_json(payload: bytes) -> tuple[list[str], list[object]] | None:
+    """The earlier layout's payload: {"c": [names], "r": [values]}."""
+    try:
+        record = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    return _row_of(record.get("c"), record.get("r"))
 
 
 class IntentLog:
@@ -112,7 +150,7 @@ class IntentLog:
     def __init__(self, path: Path, fd: int, mapping: mmap.mmap, columns: tuple[str, ...]) -> None:
         self.path = path
         # Every record starts the same way; only the values are encoded per row.
-        self._prefix = b'{"c":' + _encode(list(columns)).encode() + b',"r":'
+        self._prefix = marshal.dumps(tuple(columns))
         self._fd = fd
         self._map = mapping
         self._free = [True] * SLOTS
@@ -149,7 +187,7 @@ class IntentLog:
             mapping[offset] = mapping[offset]
         return log, records
 
-    def put(self, row: tuple[object, ...]) -> int | None:
+    def put(self, row: Row) -> int | None:
         """Event loop: copy the row (the values of `columns`) into the next slot; from then on a crash
         of this process leaves it for the next open. Returns the slot, to `release` once the database
         has the row; None when the log cannot take it (that slot's row is not committed yet, or the
@@ -159,7 +197,7 @@ class IntentLog:
         slot = self._next
         if not self._free[slot]:
             return None
-        payload = self._prefix + _encode(row).encode() + b"}"
+        payload = self._prefix + marshal.dumps(row)
         length = len(payload)
         if length > MAX_PAYLOAD:
             return None

@@ -48,7 +48,7 @@ from core.clock import DAY_SECONDS, Clock, start_of_utc_day, utc_datetime
 from core.errors import InvariantError
 from core.types import ZERO, Fill, MarketType, Order, OrderState, OrderType, Position, PositionSide, Side
 from core.values import value_type
-from storage.intent_log import IntentLog, LoggedRow, UnknownIntentLog
+from storage.intent_log import IntentLog, LoggedRow, Row, UnknownIntentLog
 from storage.schema import file_version, migrate, refuse_newer
 
 log = structlog.get_logger("ledger")
@@ -428,14 +428,16 @@ _ORDER_COLUMNS = (
 _INSERT_ORDER = f"INSERT INTO orders ({', '.join(_ORDER_COLUMNS)}) VALUES ({', '.join('?' * len(_ORDER_COLUMNS))})"
 
 
-def _order_row(order: Order) -> tuple[object, ...]:
+def _order_row(order: Order) -> Row:
     """The order as the values of `_ORDER_COLUMNS`."""
+    # (The None tests are written out, not left to _money_or_none: this runs on the order path.)
+    price, stop, avg = order.price, order.stop_price, order.avg_price
     return (
         order.client_order_id, order.engine, str(order.market), order.symbol, str(order.side),
-        str(order.order_type), _money(order.amount, "amount"), _money_or_none(order.price, "price"),
-        _money_or_none(order.stop_price, "stop_price"), int(order.reduce_only), str(order.state),
+        str(order.order_type), _money(order.amount, "amount"), None if price is None else _money(price, "price"),
+        None if stop is None else _money(stop, "stop_price"), int(order.reduce_only), str(order.state),
         order.created_at, order.updated_at, _money(order.filled, "filled"),
-        _money_or_none(order.avg_price, "avg_price"), order.exchange_order_id, order.leverage,
+        None if avg is None else _money(avg, "avg_price"), order.exchange_order_id, order.leverage,
         order.reason,
     )
 

@@ -9,7 +9,11 @@ for an order, and the order path never records anything about an order before it
 from __future__ import annotations
 
 import asyncio
+import json
+import marshal
+import struct
 import threading
+import zlib
 from decimal import Decimal
 from pathlib import Path
 
@@ -103,6 +107,48 @@ def test_a_torn_record_is_ignored(tmp_path: Path) -> None:
     other, found = IntentLog.open(path, _ORDER_COLUMNS)
     other.close()
     assert [r.row["client_order_id"] for r in found] == ["ke-1"]
+
+
+def write_record(path: Path, slot: int, magic: bytes, seq: int, payload: bytes) -> None:
+    """A record as `IntentLog.put` lays one out (header, then payload), written into `slot` of `path`."""
+    header = struct.pack("<4sIIQ", magic, zlib.crc32(payload, seq), len(payload), seq)
+    data = bytearray(path.read_bytes())
+    data[slot * SLOT_SIZE: slot * SLOT_SIZE + len(header) + len(payload)] = header + payload
+    path.write_bytes(bytes(data))
+
+
+async def test_a_row_an_earlier_version_logged_as_json_is_still_committed(tmp_path: Path) -> None:
+    """An upgrade must not lose an order the old version logged and never committed: records of the
+    earlier layout (KEI1, the row as JSON) are read and committed like this layout's."""
+    path = tmp_path / "ledger.sqlite3"
+    async with await Ledger.open(path, SimClock(T0)) as ledger:
+        await ledger.insert_order(make_order("ke-old"))  # not a new ledger (see the deleted-database case)
+    row = _order_row(make_order("ke-from-v1", amount="0.125"))
+    payload = json.dumps({"c": list(_ORDER_COLUMNS), "r": list(row)}, separators=(",", ":")).encode()
+    write_record(intent_log_path(path), 5, b"KEI1", 7, payload)
+    async with await Ledger.open(path, SimClock(T0 + 60)) as again:
+        order = await again.get_order("ke-from-v1")
+        assert order is not None and order.state is OrderState.PENDING and order.amount == D("0.125")
+        assert order.reason == "momentum entry"
+
+
+def test_a_record_whose_values_are_not_a_row_is_ignored(tmp_path: Path) -> None:
+    """Past its CRC, a record is still only taken for a row when it holds names and plain values; a
+    marshal dump of anything else (here a set and a nested list) is not an order."""
+    path = tmp_path / "log"
+    log, _ = IntentLog.open(path, _ORDER_COLUMNS)
+    log.put(_order_row(make_order("ke-1")))
+    log.close()
+    names = marshal.dumps(("client_order_id", "amount"))
+    write_record(path, 1, b"KEI2", 1, names + marshal.dumps(("ke-2", ["0.5"])))
+    write_record(path, 2, b"KEI2", 2, names + marshal.dumps({"ke-3", "0.5"}))
+    write_record(path, 3, b"KEI2", 3, names + marshal.dumps(("ke-4",)))  # fewer values than names
+    write_record(path, 4, b"KEI2", 4, names + marshal.dumps(("ke-5", "0.5")) + b"\0")  # trailing bytes
+    write_record(path, 6, b"KEI2", 5, names + marshal.dumps(("ke-6", "0.5")))
+    other, found = IntentLog.open(path, _ORDER_COLUMNS)
+    other.close()
+    assert [r.row["client_order_id"] for r in found] == ["ke-1", "ke-6"]
+    assert found[1].row == {"client_order_id": "ke-6", "amount": "0.5"}
 
 
 def test_a_log_of_another_size_is_left_alone_unless_empty(tmp_path: Path) -> None:
