@@ -418,6 +418,7 @@ class PaperExchange:
             by_order.setdefault(fill.client_order_id, []).append(fill)
         self._history.restore_trades(ordered)
         now = self._clock.now()
+        settled: list[tuple[str, float]] = []  # (client order id, when): not in time order, see below
         for request in open_orders:
             cid = request.client_order_id
             if cid in self._orders:
@@ -436,7 +437,7 @@ class PaperExchange:
                                 fills=by_order.pop(cid, []))
             if order.remaining <= 0:
                 order.state = OrderState.FILLED
-                self._history.settled(cid, now)
+                settled.append((cid, now))
             else:
                 if order.fills:
                     order.state = OrderState.PARTIALLY_FILLED
@@ -449,7 +450,10 @@ class PaperExchange:
                                    reduce_only=first.reduce_only)
             self._orders[cid] = _PaperOrder(request, _exchange_order_id(cid), OrderState.FILLED,
                                             first.ts, order_fills[-1].ts, fills=list(order_fills))
-            self._history.settled(cid, order_fills[-1].ts)
+            settled.append((cid, order_fills[-1].ts))
+        # Recorded by order (re-opened ones at `now` first), not by when they settled: the history
+        # sorts them, so `forget_old` finds each one as soon as its window has passed.
+        self._history.restore_settled(settled)
         self._history.forget_old(now)
         log.info("paper state restored", fills=len(ordered), open_orders=len(self._resting),
                  balances={a: str(v) for a, v in sorted(self._balances.items())})

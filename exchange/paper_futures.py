@@ -624,6 +624,7 @@ class PaperFuturesExchange:
         self._funded_until = self._boundary(latest if latest is not None else now)
         for request in open_orders:
             self._restore_open_order(request, by_order, now)
+        settled: list[tuple[str, float]] = []  # (client order id, when), by order rather than by time
         for cid, order_fills in by_order.items():
             first = order_fills[0]
             amount = sum((f.amount for f in order_fills), ZERO)
@@ -631,7 +632,10 @@ class PaperFuturesExchange:
                                  reduce_only=first.reduce_only)
             self._orders[cid] = _Order(known, _exchange_order_id(cid), OrderState.FILLED, first.ts,
                                        order_fills[-1].ts, fills=list(order_fills))
-            self._history.settled(cid, order_fills[-1].ts)
+            settled.append((cid, order_fills[-1].ts))
+        # Merged in time order with the re-opened orders' settles at `now` (`_restore_open_order`), so
+        # `forget_old` finds each one as soon as its window has passed.
+        self._history.restore_settled(settled)
         self._history.forget_old(now)
         log.info("paper futures state restored", fills=len(ordered), funding=len(self._funding),
                  open_orders=len(self._resting), positions=len(self._account.positions),

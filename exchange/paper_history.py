@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from operator import attrgetter, itemgetter
 from typing import Generic, Protocol, TypeVar
 
 from core.types import Fill, OrderState
@@ -47,7 +48,9 @@ class SettledHistory(Generic[OrderT]):
         self._settled: deque[tuple[float, str]] = deque()  # (when, client order id), oldest first
 
     def settled(self, client_order_id: str, ts: float) -> None:
-        """The order reached a final state at `ts` (filled, cancelled, rejected)."""
+        """The order reached a final state at `ts` (filled, cancelled, rejected). For the order path,
+        where `ts` is the venue's now: notes are kept in the order they come, which `forget_old`
+        takes for time order. Settles rebuilt out of time order go to `restore_settled`."""
         self._settled.append((ts, client_order_id))
 
     def add_trade(self, fill: Fill) -> None:
@@ -75,6 +78,18 @@ class SettledHistory(Generic[OrderT]):
         self.trades.clear()
         self._settled.clear()
 
+    def restore_settled(self, entries: Iterable[tuple[str, float]]) -> None:
+        """Orders that settled before a restart, as (client order id, when), in any order: merged with
+        the notes already taken, oldest first. `restore()` rebuilds orders by order, not by when they
+        settled; appended as they come, a recent note in front would hold every older one behind it
+        (and its order) until the recent one's own window ran out, up to the whole window late."""
+        merged = sorted([*self._settled, *((ts, cid) for cid, ts in entries)], key=itemgetter(0))
+        self._settled.clear()
+        self._settled.extend(merged)
+
     def restore_trades(self, fills: Iterable[Fill]) -> None:
-        """`fills` in the order they happened (as `restore()` replays them)."""
-        self.trades.extend(fills)
+        """Trades from before a restart, in any order: merged with those already kept, oldest first
+        (for fills of the same instant, in the order given, so pass them as they happened)."""
+        merged = sorted([*self.trades, *fills], key=attrgetter("ts"))
+        self.trades.clear()
+        self.trades.extend(merged)
