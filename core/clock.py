@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
-from core.coroutines import Done, first_step
+from core.coroutines import Done, first_step, is_unstarted
 
 T = TypeVar("T")
 
@@ -65,7 +65,9 @@ class LiveClock:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         task = asyncio.current_task()
-        if task is not None:  # (outside a task, timeout_at refuses before any step)
+        # (Outside a task, timeout_at refuses before any step; a future or a task cannot be stepped.)
+        steppable = is_unstarted(aw)  # (a bool: narrowing `aw` to a bare Coroutine would lose T)
+        if task is not None and steppable:
             cancels = task.cancelling()
             step = first_step(aw)
             if isinstance(step, Done):
