@@ -268,9 +268,8 @@ class PaperExchange:
         if req.order_type is OrderType.MARKET:
             price = taker_price(req.side, ticker, self._slippage, info.price_step)
             self._check_notional(req, price, info)
-            fee = fee_for(order.remaining, price, self._taker_pct)  # (the fill's own: computed once)
-            self._check_taker_funds(req, price, info, fee)
-            self._fill(order, price, self._taker_pct, now, fee)
+            self._check_taker_funds(req, price, info)
+            self._fill(order, price, self._taker_pct, now)
         elif req.order_type is OrderType.LIMIT:
             assert req.price is not None  # _normalized guarantees it
             self._check_notional(req, req.price, info)
@@ -520,21 +519,19 @@ class PaperExchange:
     def _free(self, asset: str) -> Decimal:
         return self._balances.get(asset, ZERO) - self._locked.get(asset, ZERO)
 
-    def _check_taker_funds(self, req: OrderRequest, price: Decimal, info: MarketInfo,
-                           fee: Decimal | None = None) -> None:
-        asset, need = self._cost(req.side, req.amount, price, self._taker_pct, info, fee)
+    def _check_taker_funds(self, req: OrderRequest, price: Decimal, info: MarketInfo) -> None:
+        asset, need = self._cost(req.side, req.amount, price, self._taker_pct, info)
         free = self._free(asset)
         if need > free:
             raise InsufficientFunds(f"{req.symbol} {req.side}: needs {need} {asset}, free {free}")
 
     @staticmethod
-    def _cost(side: Side, amount: Decimal, price: Decimal, fee_pct: Decimal, info: MarketInfo,
-              fee: Decimal | None = None) -> tuple[str, Decimal]:
-        """What an order consumes: quote for a buy (notional plus fee), base for a sell. `fee`: the
-        fee of `amount` at `price`, when the caller has it already."""
+    def _cost(side: Side, amount: Decimal, price: Decimal, fee_pct: Decimal, info: MarketInfo
+              ) -> tuple[str, Decimal]:
+        """What an order consumes: quote for a buy (notional plus fee), base for a sell."""
         if side is Side.SELL:
             return info.base, amount
-        return info.quote, amount * price + (fee_for(amount, price, fee_pct) if fee is None else fee)
+        return info.quote, amount * price + fee_for(amount, price, fee_pct)
 
     @staticmethod
     def _marketable(side: Side, limit: Decimal, ticker: Ticker) -> bool:
@@ -574,9 +571,7 @@ class PaperExchange:
                 self._locked[order.locked_asset] = left
         order.locked_asset, order.locked = None, ZERO
 
-    def _fill(self, order: _PaperOrder, price: Decimal, fee_pct: Decimal, now: float,
-              fee: Decimal | None = None) -> Fill:
-        """Fill what is left of the order at `price`. `fee`: that amount's fee, when the caller has it."""
+    def _fill(self, order: _PaperOrder, price: Decimal, fee_pct: Decimal, now: float) -> Fill:
         req = order.request
         base, quote = self._assets(req.symbol)
         amount = order.remaining
@@ -589,7 +584,7 @@ class PaperExchange:
             side=req.side,
             amount=amount,
             price=price,
-            fee=fee_for(amount, price, fee_pct) if fee is None else fee,
+            fee=fee_for(amount, price, fee_pct),
             fee_asset=quote,
             ts=now,
             reduce_only=req.reduce_only,

@@ -22,9 +22,12 @@ the exchange for them by client order id), and the log is cleared.
 One record per slot: a 20-byte header (magic, CRC-32, payload length, sequence number) and the row
 with its column names, as two `marshal` dumps (the names' tuple, then the values' tuple). marshal
 rather than JSON because the encoding runs on the order path: one C call of about 0.4 us, where the
-JSON encoder was about 2.6 us and six calls through the json module's Python layer. Its format is
-stable across Python versions and it is only ever read back here, from our own file, after the CRC
-has passed, and only tuples of str, int, float, bool and None are accepted from it. The layout
+JSON encoder was about 2.6 us and six calls through the json module's Python layer. Python may change
+marshal's format between versions (for these plain types it has not since 3.4, and newer versions
+read older dumps); it is only ever read back here, from our own file, after the CRC has passed, and
+only tuples of exact str, int, float, bool and None are taken from it. `put` takes nothing else: a
+value marshal would write as something else (a numpy float goes out as bytes) could not be read
+back, so such a row is refused, and the order waits for its commit instead. The layout
 before (magic KEI1, the row as JSON) is still read, so rows an older version left are committed
 after an upgrade. A record torn by a crash mid-copy fails its CRC and is ignored, which is safe:
 the order is sent only after the copy has finished.
@@ -69,6 +72,7 @@ class LoggedRow:
 
 
 _SCALARS = (str, int, float, bool, type(None))
+_EXACT_SCALARS = frozenset(_SCALARS)  # for `put`: subclasses (an IntEnum, numpy's str_) are refused
 Row = tuple[str | int | float | None, ...]  # what a record holds: plain values, which marshal takes
 
 
@@ -86,8 +90,10 @@ class UnknownIntentLog(Exception):
 def _read_records(data: bytes) -> list[LoggedRow]:
     """The valid records in a log file's bytes, oldest first. An empty slot, or a record torn by a crash
     (this layout's magic, but a length or CRC that does not hold), is skipped; anything else in a
-    slot's magic raises `UnknownIntentLog`. A new layout must change MAGIC, so that an older program
-    refuses its log instead of reading past it."""
+    slot's magic raises `UnknownIntentLog`, and so does a whole record (its CRC holds) that is not an
+    order row: it was written, so its order may have been sent, and skipping it would lose that order
+    without a word. A new layout must change MAGIC, so that an older program refuses its log instead
+    of reading past it."""
     found: list[LoggedRow] = []
     for offset in range(0, len(data) - _HEADER.size + 1, SLOT_SIZE):
         magic, crc, length, seq = _HEADER.unpack_from(data, offset)
@@ -101,9 +107,11 @@ def _read_records(data: bytes) -> list[LoggedRow]:
         if _crc(seq, payload) != crc:
             continue
         decoded = _decode(payload) if magic == MAGIC else _decode_json(payload)
-        if decoded is not None:
-            columns, values = decoded
-            found.append(LoggedRow(seq, dict(zip(columns, values, strict=True))))
+        if decoded is None:
+            raise UnknownIntentLog(f"slot {offset // SLOT_SIZE} holds a whole {magic.decode()} record that is "
+                                   f"not an order row this version can read")
+        columns, values = decoded
+        found.append(LoggedRow(seq, dict(zip(columns, values, strict=True))))
     found.sort(key=lambda r: r.seq)
     return found
 
@@ -127,7 +135,7 @@ def _decode(payload: bytes) -> tuple[list[str], list[object]] | None:
         return None
     if stream.tell() != len(payload) or not isinstance(values, tuple):
         return None
-    if not all(isinstance(v, _SCALARS) for v in values):
+    if not _EXACT_SCALARS.issuperset(map(type, values)):
         return None
     return _row_of(columns, values)
 
@@ -190,13 +198,16 @@ class IntentLog:
     def put(self, row: Row) -> int | None:
         """Event loop: copy the row (the values of `columns`) into the next slot; from then on a crash
         of this process leaves it for the next open. Returns the slot, to `release` once the database
-        has the row; None when the log cannot take it (that slot's row is not committed yet, or the
-        row is too long): the caller then waits for the commit instead."""
+        has the row; None when the log cannot take it (that slot's row is not committed yet, the row
+        is too long, or a value is not exactly a str, int, float, bool or None): the caller then waits
+        for the commit instead."""
         if self._closed:
             return None
         slot = self._next
         if not self._free[slot]:
             return None
+        if not _EXACT_SCALARS.issuperset(map(type, row)):
+            return None  # (see the module's docstring: it could not be read back as it was)
         payload = self._prefix + marshal.dumps(row)
         length = len(payload)
         if length > MAX_PAYLOAD:

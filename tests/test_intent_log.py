@@ -17,6 +17,7 @@ import zlib
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.clock import SimClock
@@ -132,23 +133,47 @@ async def test_a_row_an_earlier_version_logged_as_json_is_still_committed(tmp_pa
         assert order.reason == "momentum entry"
 
 
-def test_a_record_whose_values_are_not_a_row_is_ignored(tmp_path: Path) -> None:
-    """Past its CRC, a record is still only taken for a row when it holds names and plain values; a
-    marshal dump of anything else (here a set and a nested list) is not an order."""
+NAMES = marshal.dumps(("client_order_id", "amount"))
+
+
+@pytest.mark.parametrize("payload", [
+    NAMES + marshal.dumps(("ke-2", ["0.5"])),  # a value that is not a plain scalar
+    NAMES + marshal.dumps(("ke-2", b"0.5")),  # what marshal makes of a numpy float
+    NAMES + marshal.dumps({"ke-2", "0.5"}),  # not a tuple of values
+    NAMES + marshal.dumps(("ke-2",)),  # fewer values than names
+    NAMES + marshal.dumps(("ke-2", "0.5")) + b"\0",  # trailing bytes
+    b"\xff" + NAMES,  # not marshal at all
+], ids=["nested", "bytes", "set", "short", "trailing", "garbage"])
+def test_a_whole_record_that_is_not_a_row_stops_the_open(tmp_path: Path, payload: bytes) -> None:
+    """Past its CRC, a record was written whole, so its order may have been sent: one that cannot be
+    read as a row is not skipped (the order would vanish from the books without a word) but stops the
+    open, and the file is left as it is for a person."""
     path = tmp_path / "log"
     log, _ = IntentLog.open(path, _ORDER_COLUMNS)
     log.put(_order_row(make_order("ke-1")))
     log.close()
-    names = marshal.dumps(("client_order_id", "amount"))
-    write_record(path, 1, b"KEI2", 1, names + marshal.dumps(("ke-2", ["0.5"])))
-    write_record(path, 2, b"KEI2", 2, names + marshal.dumps({"ke-3", "0.5"}))
-    write_record(path, 3, b"KEI2", 3, names + marshal.dumps(("ke-4",)))  # fewer values than names
-    write_record(path, 4, b"KEI2", 4, names + marshal.dumps(("ke-5", "0.5")) + b"\0")  # trailing bytes
-    write_record(path, 6, b"KEI2", 5, names + marshal.dumps(("ke-6", "0.5")))
+    write_record(path, 1, b"KEI2", 1, payload)
+    before = path.read_bytes()
+    with pytest.raises(UnknownIntentLog, match="slot 1 holds a whole KEI2 record"):
+        IntentLog.open(path, _ORDER_COLUMNS)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("odd", [np.float64(T0), np.str_("ke-np"), OrderState.PENDING],
+                         ids=["numpy-float", "numpy-str", "str-enum"])
+def test_a_row_with_a_value_marshal_cannot_give_back_is_refused_not_logged(tmp_path: Path, odd: object) -> None:
+    """marshal writes a numpy float as bytes and refuses a str subclass: either way the row could not be
+    read back as it was, so `put` refuses it (the order then waits for its commit) and logs nothing."""
+    path = tmp_path / "log"
+    log, _ = IntentLog.open(path, _ORDER_COLUMNS)
+    row = list(_order_row(make_order("ke-1")))
+    row[11 if isinstance(odd, float) else 0] = odd
+    assert log.put(tuple(row)) is None  # type: ignore[arg-type]
+    assert log.in_use() == 0
+    log.close()
     other, found = IntentLog.open(path, _ORDER_COLUMNS)
     other.close()
-    assert [r.row["client_order_id"] for r in found] == ["ke-1", "ke-6"]
-    assert found[1].row == {"client_order_id": "ke-6", "amount": "0.5"}
+    assert found == []
 
 
 def test_a_log_of_another_size_is_left_alone_unless_empty(tmp_path: Path) -> None:
