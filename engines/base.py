@@ -156,6 +156,32 @@ class BaseEngine:
         self._entries_in_doubt.discard(symbol)
         return False
 
+    def open_position_count(self) -> int:
+        """Positions held, plus entries in doubt in symbols not held: each may still fill and become a
+        position, so the max-positions rule counts it as one (an entry of a held symbol adds to its
+        position). No I/O: it may count an entry that has settled since (see `room_for_entry`)."""
+        doubtful = self._entries_in_doubt
+        if not doubtful:
+            return len(self.positions)
+        return len(self.positions) + len(doubtful.difference(self.positions))
+
+    async def prune_entries_in_doubt(self) -> None:
+        """Forget the entries noted in doubt that have settled since (filled, cancelled, rejected, never
+        placed), which `entry_in_doubt` does only for the symbol it is asked about: one ledger read."""
+        if self._entries_in_doubt:
+            self._entries_in_doubt &= {o.symbol for o in await self._doubtful_entries()}
+
+    async def room_for_entry(self, max_positions: int) -> bool:
+        """Whether a new position fits under `max_positions`, entries in doubt counted (see
+        `open_position_count`). The ledger is asked only when such entries are what fills the room, to
+        forget those that have settled: a stale one must not block entries in other symbols."""
+        if self.open_position_count() < max_positions:
+            return True
+        if len(self.positions) >= max_positions or not self._entries_in_doubt:
+            return False
+        await self.prune_entries_in_doubt()
+        return self.open_position_count() < max_positions
+
     async def start(self) -> None:
         """The engine's task. Returns when stop() was called; raises on a fault (the supervisor decides)."""
         self._running = True
@@ -364,12 +390,20 @@ class BaseEngine:
                 intent = dataclasses.replace(intent, amount=quantize_down(held.amount, step))
                 if intent.amount <= 0:
                     return None
+        has_position = intent.symbol in self.positions
+        # An entry counts the entries in doubt too (see `open_position_count`); an exit never needs to.
+        open_positions = (len(self.positions) if intent.reduce_only or not self._entries_in_doubt
+                          else self.open_position_count())
         decision = self.ctx.gate.check(
-            intent,
-            equity=self.ctx.equity(),
-            open_positions=len(self.positions),
-            has_position=intent.symbol in self.positions,
+            intent, equity=self.ctx.equity(), open_positions=open_positions, has_position=has_position,
         )
+        if not decision.allowed and decision.rule == "max-positions" and open_positions > len(self.positions):
+            # Entries in doubt fill the room: forget those that settled (one ledger read), then ask again.
+            await self.prune_entries_in_doubt()
+            open_positions = self.open_position_count()
+            decision = self.ctx.gate.check(
+                intent, equity=self.ctx.equity(), open_positions=open_positions, has_position=has_position,
+            )
         if not decision.allowed:
             self.counters.denied += 1
             self._note_denial(intent, decision.rule, decision.reason)

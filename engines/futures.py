@@ -583,7 +583,7 @@ class FuturesEngine(BaseEngine):
                                         self.params.correlation_bars, self.params.correlation_threshold)
         base = self.baseline
         return BookView(
-            open_positions=len(self.positions),
+            open_positions=self.open_position_count(),
             margin_used=margin_in_use(self._marks(prices=False)),
             equity=self.engine_equity(),
             day_pnl=self.day_pnl,
@@ -597,6 +597,10 @@ class FuturesEngine(BaseEngine):
             self.log.debug("no second entry on the same bar", symbol=symbol, bar_ts=signal.bar_ts)
             return False
         if await self.entry_in_doubt(symbol):
+            return False
+        # Entries in doubt in other symbols count as positions (see BaseEngine.open_position_count),
+        # before the symbol's margin mode and leverage are set on the exchange for an entry that cannot go.
+        if self._entries_in_doubt and not await self.room_for_entry(self.params.limits.max_positions):
             return False
         ticker = self.ctx.feed.ticker(symbol)
         candles = self.cache.cached(symbol, ENTRY_TF)

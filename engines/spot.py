@@ -241,10 +241,15 @@ class SpotEngine(BaseEngine):
         self._last_scan_at[symbol] = now
         if not self.fresh_enough(symbol, ticker, candles, self.max_age, now) or ticker is None:
             return
-        if len(self.positions) >= self.ctx.settings.spot_max_positions:
+        max_positions = self.ctx.settings.spot_max_positions
+        if len(self.positions) >= max_positions:
             return
         reading = evaluate(candles, self.params, self._next_bar.get(symbol))
         if not reading.enter or await self.entry_in_doubt(symbol):
+            return
+        # Entries in doubt in other symbols count as positions: each may still fill. Checked after the
+        # signal, where one that has settled is forgotten, so a stale one never blocks for good.
+        if self._entries_in_doubt and not await self.room_for_entry(max_positions):
             return
         await self.enter(symbol, ticker, reading.reason)
 

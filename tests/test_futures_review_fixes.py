@@ -9,6 +9,8 @@ the side matters:
   leaving a reduce-only STOP_MARKET resting on the exchange and OPEN in the ledger;
 - a position closed by the exchange's stop never reached the trade metrics, because
   `FuturesEngine.refresh_positions` did not mark them stale when a position disappeared.
+
+And one found later: an entry in doubt in another symbol did not count against max positions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 
 from core.errors import TemporaryError
-from core.types import OrderState, OrderType, PositionSide, Ticker, TradingState
+from core.types import MarketType, Order, OrderState, OrderType, PositionSide, Side, Ticker, TradingState
 from exchange.base import OrderRequest, OrderUpdate
 from tests import test_futures_protective_stop as protective
 from tests.bounded import bounded
@@ -213,3 +215,42 @@ async def test_an_entry_left_unknown_is_not_sent_again_while_it_may_have_filled(
     position = await rig.position()
     assert position is not None and position.stop_loss is not None
     assert await rig.exchange_stops() == 1
+
+
+# --- entries in doubt count against max positions ----------------------------------------------------------
+
+OTHER = "ETH/USDT:USDT"
+
+
+@bounded(30)
+async def test_an_entry_in_doubt_in_another_symbol_fills_the_only_slot(make_rig: Any) -> None:
+    """With room for one position and another symbol's entry accepted but not filled (it may still fill),
+    a signal is not entered: no order, and not even the symbol's margin and leverage set-up. Once that
+    entry settles unfilled, the signal enters."""
+    side = PositionSide.LONG
+    rig = await make_rig(side, futures_max_positions=1)
+    other = Order(client_order_id="kef1-other", engine="futures", market=MarketType.FUTURES, symbol=OTHER,
+                  side=Side.BUY, order_type=OrderType.MARKET, amount=D("0.1"), price=None, stop_price=None,
+                  reduce_only=False, state=OrderState.PENDING, created_at=rig.clock.now(),
+                  updated_at=rig.clock.now(), leverage=3, reason="an earlier entry")
+    await rig.ledger.insert_order(other)
+    await rig.ledger.update_order(other.client_order_id, state=OrderState.OPEN)
+    await rig.engine.load_state()  # as at a start: the entry in doubt is found in the ledger
+    set_ups: list[str] = []
+    real_set_up = rig.engine._set_up_symbol
+
+    async def counted_set_up(symbol: str, leverage: int) -> bool:
+        set_ups.append(symbol)
+        return await real_set_up(symbol, leverage)
+
+    rig.engine._set_up_symbol = counted_set_up  # type: ignore[method-assign]
+    rig.feed.trend(SYMBOL, side)
+    await rig.step()
+    assert [c for c in rig.calls if c[0] == "create"] == [], "entered past max_positions=1"
+    assert set_ups == [], "the symbol was set up on the exchange for an entry that could not go"
+    await rig.ledger.update_order(other.client_order_id, state=OrderState.CANCELED)
+    await rig.clock.advance(15 * 60)
+    rig.feed.trend(SYMBOL, side)
+    await rig.step()
+    assert [c[1] for c in rig.calls if c[0] == "create" and not c[2]] == [OrderType.MARKET], (
+        "the settled entry still blocks")
