@@ -120,7 +120,9 @@ class _PaperOrder:
         return self.request.amount - self.filled
 
     def update(self) -> OrderUpdate:
-        filled = self.filled
+        fills = self.fills
+        # One fill (a market order's) spares sum()'s generator; ZERO + amount is exactly what sum() gives.
+        filled = ZERO + fills[0].amount if len(fills) == 1 else self.filled
         avg: Decimal | None = None
         if filled > 0:
             value = ZERO
@@ -269,7 +271,7 @@ class PaperExchange:
             price = taker_price(req.side, ticker, self._slippage, info.price_step)
             self._check_notional(req, price, info)
             self._check_taker_funds(req, price, info)
-            self._fill(order, price, self._taker_pct, now)
+            self._fill(order, info, price, self._taker_pct, now)
         elif req.order_type is OrderType.LIMIT:
             assert req.price is not None  # _normalized guarantees it
             self._check_notional(req, req.price, info)
@@ -277,7 +279,7 @@ class PaperExchange:
                 price = taker_price(req.side, ticker, self._slippage, info.price_step)
                 price = min(price, req.price) if req.side is Side.BUY else max(price, req.price)
                 self._check_taker_funds(req, price, info)
-                self._fill(order, price, self._taker_pct, now)
+                self._fill(order, info, price, self._taker_pct, now)
             else:
                 self._rest(order, info, check_funds=True)
         else:
@@ -521,7 +523,7 @@ class PaperExchange:
 
     def _check_taker_funds(self, req: OrderRequest, price: Decimal, info: MarketInfo) -> None:
         asset, need = self._cost(req.side, req.amount, price, self._taker_pct, info)
-        free = self._free(asset)
+        free = self._balances.get(asset, ZERO) - self._locked.get(asset, ZERO)  # (_free, on the order path)
         if need > free:
             raise InsufficientFunds(f"{req.symbol} {req.side}: needs {need} {asset}, free {free}")
 
@@ -571,9 +573,9 @@ class PaperExchange:
                 self._locked[order.locked_asset] = left
         order.locked_asset, order.locked = None, ZERO
 
-    def _fill(self, order: _PaperOrder, price: Decimal, fee_pct: Decimal, now: float) -> Fill:
+    def _fill(self, order: _PaperOrder, info: MarketInfo, price: Decimal, fee_pct: Decimal, now: float) -> Fill:
         req = order.request
-        base, quote = self._assets(req.symbol)
+        base, quote = info.base, info.quote  # (what _assets answers for a listed market)
         amount = order.remaining
         fill = Fill(
             client_order_id=req.client_order_id,
@@ -606,7 +608,7 @@ class PaperExchange:
             assert req.price is not None
             if not self._marketable(req.side, req.price, ticker):
                 return False
-            self._fill(order, req.price, self._maker_pct, now)
+            self._fill(order, info, req.price, self._maker_pct, now)
             return True
         assert req.stop_price is not None
         if not self._stop_triggered(req.side, req.stop_price, ticker):
@@ -625,7 +627,7 @@ class PaperExchange:
                 needs=str(need), available=str(available), asset=asset,
             )
             return True
-        self._fill(order, price, self._taker_pct, now)
+        self._fill(order, info, price, self._taker_pct, now)
         return True
 
     def _report(self, update: OrderUpdate) -> None:
