@@ -74,7 +74,8 @@ class NextBar:
     new seed: nothing of the last reading carries over. But all of the next window except its newest
     bar is known a whole bar early. Running the recursions over it then, off the order path, leaves
     one step for the tick that closes the bar. `closes` and `volumes` are what that window must
-    start with for the work to apply; `evaluate` checks them, so a revised or missing bar only costs
+    start with for the work to apply; `evaluate` checks them, bit for bit (their float64 bytes, which
+    it compares without turning the arrays into lists first), so a revised or missing bar only costs
     the full computation, never a different reading.
     """
 
@@ -83,6 +84,8 @@ class NextBar:
     volumes: list[float]  # the volumes the next reading averages
     state: tuple[float, float, float, float]  # EMA fast, EMA slow, RSI gain and loss after `closes`
     avg_volume: float
+    closes_raw: bytes = b""  # `closes` as float64 bytes
+    volumes_raw: bytes = b""  # `volumes` as float64 bytes
 
 
 def evaluate(candles: CandleSeries, p: MomentumParams, ahead: NextBar | None = None) -> MomentumReading:
@@ -107,20 +110,28 @@ def evaluate(candles: CandleSeries, p: MomentumParams, ahead: NextBar | None = N
     warmup = p.warmup_bars
     if n < warmup:
         return MomentumReading(False, f"warming up ({n}/{warmup} bars)", math.nan, math.nan, math.nan)
-    close = _floats(candles.close[-p.window:])
-    volume = _floats(candles.volume[-VOLUME_AVERAGE_BARS - 1 :])
+    close_arr = candles.close[-p.window:]
+    volume_arr = candles.volume[-VOLUME_AVERAGE_BARS - 1 :]
     if (
         ahead is not None
         and (ahead.params is p or ahead.params == p)
-        and close[:-1] == ahead.closes
-        and volume[:-1] == ahead.volumes
+        and close_arr.dtype is _FLOAT64
+        and volume_arr.dtype is _FLOAT64
+        and close_arr[:-1].tobytes() == ahead.closes_raw
+        and volume_arr[:-1].tobytes() == ahead.volumes_raw
     ):
+        # The same values, bit for bit, as `_floats` of the arrays would give (`.item()` is what
+        # `.tolist()` does per element), without converting the 99 known ones again.
+        close = [*ahead.closes, close_arr[-1].item()]
+        volume = [*ahead.volumes, volume_arr[-1].item()]
         fast, slow, strength = _finish_indicators(
             _joint_steps(ahead.state, close, len(close) - 1, p.ema_fast, p.ema_slow, p.rsi_period),
             close, p.ema_fast, p.ema_slow, p.rsi_period,
         )
         avg_volume = ahead.avg_volume
     else:
+        close = _floats(close_arr)
+        volume = _floats(volume_arr)
         fast, slow, strength = _last_indicators(close, p.ema_fast, p.ema_slow, p.rsi_period)
         avg_volume = _numpy_mean(volume[:-1])
     last = close[-1]
@@ -154,12 +165,14 @@ def prepare(candles: CandleSeries, p: MomentumParams) -> NextBar | None:
         return None  # (as `evaluate` answers 'warming up' before it looks at the periods)
     if p.ema_fast < 1 or p.ema_slow < 1 or p.rsi_period < 1:
         _check_period(min(p.ema_fast, p.ema_slow, p.rsi_period))
-    closes = _floats(candles.close[-(p.window - 1) :])
+    close_arr = np.asarray(candles.close[-(p.window - 1) :], dtype=np.float64)
+    closes: list[float] = close_arr.tolist()
     if max(p.ema_fast, p.ema_slow, p.rsi_period + 1) > len(closes):
         return None
-    volumes = _floats(candles.volume[-VOLUME_AVERAGE_BARS:])
+    volume_arr = np.asarray(candles.volume[-VOLUME_AVERAGE_BARS:], dtype=np.float64)
+    volumes: list[float] = volume_arr.tolist()
     return NextBar(p, closes, volumes, _indicator_state(closes, p.ema_fast, p.ema_slow, p.rsi_period),
-                   _numpy_mean(volumes))
+                   _numpy_mean(volumes), close_arr.tobytes(), volume_arr.tobytes())
 
 
 def _floats(arr: npt.NDArray[Any]) -> list[float]:

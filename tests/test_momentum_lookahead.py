@@ -123,8 +123,8 @@ def test_a_revised_history_or_other_parameters_are_read_whole(
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("where", [-1, -2, -10, -99])
 def test_non_finite_values_read_the_same_with_the_look_ahead(value: float, where: int) -> None:
-    """A NaN never equals itself, so a window holding one is read whole; an infinity does, and then
-    the one step carries it, and the reading is 'non-finite data' all the same."""
+    """The prepared part is compared bit for bit, so a NaN or an infinity in it is carried by the one
+    step (a NaN newest close only by the step), and the reading is 'non-finite data' all the same."""
     p = MomentumParams()
     close = price_series(151, seed=5)
     close[where] = value
