@@ -39,6 +39,10 @@ STOP_RETRY_MAX_SECONDS = 300.0
 STOP_CHECK_SECONDS = 5.0
 
 
+def _lacks_exit_levels(position: Position) -> bool:
+    return position.stop_loss is None or position.take_profit is None
+
+
 class SpotEngine(BaseEngine):
     name = "spot"
 
@@ -109,7 +113,7 @@ class SpotEngine(BaseEngine):
         and saving them, or an entry the exchange filled only after answering it (its fill reaches the
         ledger later, through the order poll, and `enter` never saw it). Without them the position
         would have no stop-loss, no take-profit and no stop on the exchange. True when restored."""
-        if position.stop_loss is not None and position.take_profit is not None:
+        if not _lacks_exit_levels(position):
             return False
         await self._set_exit_levels(position)
         self.log.warning("exit levels restored", symbol=position.symbol,
@@ -117,9 +121,10 @@ class SpotEngine(BaseEngine):
         return True
 
     async def _manage_held(self, position: Position, ticker: Ticker | None) -> None:
-        if await self.write_off_dust(position, ticker):
+        # The cheap tests first, so the usual tick creates no coroutine for either (it is the exit path).
+        if self._unsellable(position, ticker) and await self.write_off_dust(position, ticker):
             return
-        if await self._restore_exit_levels(position):
+        if _lacks_exit_levels(position) and await self._restore_exit_levels(position):
             await self.protect(position, force=True)
         if ticker is not None:
             await self.manage_exit(position, ticker)
@@ -156,14 +161,10 @@ class SpotEngine(BaseEngine):
         step-rounded sale leaves a fraction of a step). Its cost is charged to the trade as a loss; the
         coins stay on the account. Never while an order of the symbol is still working (a partly filled
         stop goes on selling the remainder). True when the position is gone."""
-        if position.side is not PositionSide.LONG:
+        if not self._unsellable(position, ticker):
             return False
         market = self.ctx.exchange.market(position.symbol)
-        sellable = quantize_down(position.amount, market.amount_step)
         price = None if ticker is None else ticker.bid
-        worthless = price is not None and price > 0 and sellable * price < market.min_notional
-        if sellable > 0 and sellable >= market.min_amount and not worthless:
-            return False
         working = await self.ctx.ledger.orders_in_states((*_LIVE, *_UNSETTLED), engine=self.ctx.name)
         if any(o.symbol == position.symbol for o in working):
             return False
@@ -176,6 +177,17 @@ class SpotEngine(BaseEngine):
                              min_amount=str(market.min_amount), min_notional=str(market.min_notional),
                              realized_pnl=str(closed.realized_pnl))
         return position.symbol not in self.positions
+
+    def _unsellable(self, position: Position, ticker: Ticker | None) -> bool:
+        """A long position whose amount rounds down below the market's minimum order, or is worth less
+        than the minimum notional at the bid (see `write_off_dust`)."""
+        if position.side is not PositionSide.LONG:
+            return False
+        market = self.ctx.exchange.market(position.symbol)
+        sellable = quantize_down(position.amount, market.amount_step)
+        price = None if ticker is None else ticker.bid
+        worthless = price is not None and price > 0 and sellable * price < market.min_notional
+        return not (sellable > 0 and sellable >= market.min_amount and not worthless)
 
     # --- exits -----------------------------------------------------------------------------------
     def exit_reason(self, position: Position, price: Decimal) -> str | None:
@@ -245,7 +257,8 @@ class SpotEngine(BaseEngine):
         if len(self.positions) >= max_positions:
             return
         reading = evaluate(candles, self.params, self._next_bar.get(symbol))
-        if not reading.enter or await self.entry_in_doubt(symbol):
+        # (The set test first: the usual entry creates no coroutine to learn that nothing is in doubt.)
+        if not reading.enter or (symbol in self._entries_in_doubt and await self.entry_in_doubt(symbol)):
             return
         # Entries in doubt in other symbols count as positions: each may still fill. Checked after the
         # signal, where one that has settled is forgotten, so a stale one never blocks for good.
