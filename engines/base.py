@@ -371,55 +371,53 @@ class BaseEngine:
         """Gate, reserve, send, release. Returns None when the gate denied the intent.
 
         The trade lock is shared with the Orchestrator's flattening, so a kill and an engine exit
-        can never both sell the same position.
+        can never both sell the same position. (The body is written under the lock, not in a coroutine of
+        its own: this is on the order path, where every coroutine made costs.)
         """
         async with self.ctx.trade_lock:
-            return await self._trade_locked(intent)
-
-    async def _trade_locked(self, intent: OrderIntent) -> SubmitResult | None:
-        if intent.reduce_only:
-            # The position may have changed while waiting for the lock (a stop filled, a flatten ran):
-            # never sell more than the ledger says is held, and nothing when it is gone.
-            held = await self.ctx.ledger.position(self.ctx.name, intent.symbol)
-            if held is None or held.side.exit_side is not intent.side:
-                self.log.info("reduce-only order dropped: no position to reduce", symbol=intent.symbol)
-                await self.refresh_positions()
-                return None
-            if intent.amount > held.amount:
-                step = self.ctx.exchange.market(intent.symbol).amount_step
-                intent = dataclasses.replace(intent, amount=quantize_down(held.amount, step))
-                if intent.amount <= 0:
+            if intent.reduce_only:
+                # The position may have changed while waiting for the lock (a stop filled, a flatten ran):
+                # never sell more than the ledger says is held, and nothing when it is gone.
+                held = await self.ctx.ledger.position(self.ctx.name, intent.symbol)
+                if held is None or held.side.exit_side is not intent.side:
+                    self.log.info("reduce-only order dropped: no position to reduce", symbol=intent.symbol)
+                    await self.refresh_positions()
                     return None
-        has_position = intent.symbol in self.positions
-        # An entry counts the entries in doubt too (see `open_position_count`); an exit never needs to.
-        open_positions = (len(self.positions) if intent.reduce_only or not self._entries_in_doubt
-                          else self.open_position_count())
-        decision = self.ctx.gate.check(
-            intent, equity=self.ctx.equity(), open_positions=open_positions, has_position=has_position,
-        )
-        if not decision.allowed and decision.rule == "max-positions" and open_positions > len(self.positions):
-            # Entries in doubt fill the room: forget those that settled (one ledger read), then ask again.
-            await self.prune_entries_in_doubt()
-            open_positions = self.open_position_count()
+                if intent.amount > held.amount:
+                    step = self.ctx.exchange.market(intent.symbol).amount_step
+                    intent = dataclasses.replace(intent, amount=quantize_down(held.amount, step))
+                    if intent.amount <= 0:
+                        return None
+            has_position = intent.symbol in self.positions
+            # An entry counts the entries in doubt too (see `open_position_count`); an exit never needs to.
+            open_positions = (len(self.positions) if intent.reduce_only or not self._entries_in_doubt
+                              else self.open_position_count())
             decision = self.ctx.gate.check(
                 intent, equity=self.ctx.equity(), open_positions=open_positions, has_position=has_position,
             )
-        if not decision.allowed:
-            self.counters.denied += 1
-            self._note_denial(intent, decision.rule, decision.reason)
-            self.ctx.bus.publish(
-                OrderDenied(ts=self.clock.now(), engine=self.ctx.name, symbol=intent.symbol,
-                            side=intent.side, reason=decision.reason)
-            )
-            return None
-        if self._denials:
-            self._end_denials(intent.symbol, intent.side, "order passed the gate")
-        try:
-            result = await self.ctx.orders.submit(intent)
-        finally:
-            if decision.reservation is not None:
-                self.ctx.allocator.release(decision.reservation)
-        if result.error is not None:
-            self.counters.rejected += 1
-        await self.refresh_positions()
-        return result
+            if not decision.allowed and decision.rule == "max-positions" and open_positions > len(self.positions):
+                # Entries in doubt fill the room: forget those that settled (one ledger read), then ask again.
+                await self.prune_entries_in_doubt()
+                open_positions = self.open_position_count()
+                decision = self.ctx.gate.check(
+                    intent, equity=self.ctx.equity(), open_positions=open_positions, has_position=has_position,
+                )
+            if not decision.allowed:
+                self.counters.denied += 1
+                self._note_denial(intent, decision.rule, decision.reason)
+                self.ctx.bus.publish(
+                    OrderDenied(ts=self.clock.now(), engine=self.ctx.name, symbol=intent.symbol,
+                                side=intent.side, reason=decision.reason)
+                )
+                return None
+            if self._denials:
+                self._end_denials(intent.symbol, intent.side, "order passed the gate")
+            try:
+                result = await self.ctx.orders.submit(intent)
+            finally:
+                if decision.reservation is not None:
+                    self.ctx.allocator.release(decision.reservation)
+            if result.error is not None:
+                self.counters.rejected += 1
+            await self.refresh_positions()
+            return result

@@ -159,13 +159,13 @@ class _Inline:
     rest: Awaitable[OrderUpdate] | None = None
 
 
-def _call_inline(call: Callable[[], Awaitable[OrderUpdate]]) -> _Inline:
+def _call_inline(call: Callable[[OrderRequest], Awaitable[OrderUpdate]], request: OrderRequest) -> _Inline:
     """Make the exchange call here, up to its answer or its first await. Whatever it raises is kept
     for `OrderManager._answer` to raise again, so it is handled where the call would have been
     awaited. Anything but a native coroutine not yet started (an exchange wrapped by a test, say) is
     left to be awaited in the task, under the send timeout."""
     try:
-        step = first_step(call())
+        step = first_step(call(request))
     except BaseException as exc:  # raised again by _answer, in the task, after the row's commit
         return _Inline(error=exc)
     return _Inline(update=step.value) if isinstance(step, Done) else _Inline(rest=step)
@@ -286,7 +286,7 @@ class OrderManager:
                 # In the context the task will have, as if the task had made the call.
                 request = self._request(intent, order.client_order_id)
                 context = contextvars.copy_context()
-                inline = context.run(_call_inline, lambda: self.exchange.create_order(request))
+                inline = context.run(_call_inline, self.exchange.create_order, request)
         loop = asyncio.get_running_loop()
         # Never cancelled by the daemon (drain() waits for it): an inline send has already gone out.
         task = loop.create_task(self._submit(intent, started, inline, request), context=context)
