@@ -33,6 +33,17 @@ class Clock(Protocol):
 
     async def wait_for(self, aw: Awaitable[T], timeout: float) -> T: ...
 
+    def wake_after(self, waiter: asyncio.Future[None], seconds: float) -> Cancellable: ...
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> object: ...
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
 
 def utc_datetime(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
@@ -81,11 +92,25 @@ class LiveClock:
         async with asyncio.timeout_at(deadline):
             return await aw
 
+    def wake_after(self, waiter: asyncio.Future[None], seconds: float) -> Cancellable:
+        """Resolve `waiter` (with None) once `seconds` have passed, unless it is done by then or the
+        returned handle is cancelled. For a wait that ends either way (a price update or the time to
+        beat): no timeout scope and no coroutine of its own between the waker and the waiting task,
+        where `wait_for` has both; a cancelled task just stops waiting."""
+        return asyncio.get_running_loop().call_later(max(0.0, seconds), _wake, waiter)
+
 
 async def settle(rounds: int = 20) -> None:
     """Let every ready task run until the loop is quiet (bounded), without moving any clock."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+class _NoTimer:
+    """SimClock's handle: `advance` skips a waiter that is done, so there is nothing to cancel."""
+
+    def cancel(self) -> None:
+        return None
 
 
 class SimClock:
@@ -132,6 +157,12 @@ class SimClock:
         task.cancel()
         await asyncio.wait({task})
         raise TimeoutError(f"timed out after {timeout} simulated seconds")
+
+    def wake_after(self, waiter: asyncio.Future[None], seconds: float) -> Cancellable:
+        """As LiveClock.wake_after, on this clock's timeline: `waiter` joins the sleepers `advance`
+        wakes (one done by then is passed over)."""
+        heapq.heappush(self._heap, (self._now + max(0.0, seconds), next(self._seq), waiter))
+        return _NoTimer()
 
     async def advance(self, seconds: float, settle_rounds: int = 20) -> None:
         """Move time forward by `seconds`, waking sleepers in order and letting them run."""

@@ -85,11 +85,12 @@ class UpdateSignal:
                 break
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.add(waiter)
+            # Woken by a bump, a wake() or the deadline, whichever comes first (the loop then tells which).
+            timer = self._clock.wake_after(waiter, remaining)
             try:
-                await self._clock.wait_for(waiter, remaining)
-            except TimeoutError:
-                break
+                await waiter
             finally:
+                timer.cancel()
                 self._waiters.discard(waiter)
         return self._version
 

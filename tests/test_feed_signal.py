@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from core.clock import SimClock, settle
+from core.clock import _wake as clock_wake
 from exchange.feed_signal import UpdateSignal
 
 
@@ -127,3 +128,7 @@ async def test_every_waiter_wakes_once_per_bump_and_a_timeout_touches_only_its_o
         signal.wake()  # no new version, but waiters are released (a replay ran out)
         assert await late == 2
     assert signal._waiters == set()
+    if live:  # every wait's timer went with it: none left to fire 60 s from now
+        timers = [h for h in asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+                  if not h.cancelled() and getattr(h, "_callback", None) is clock_wake]
+        assert timers == []
