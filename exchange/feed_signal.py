@@ -16,6 +16,7 @@ one more waiting task).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 from core.clock import Clock
@@ -76,6 +77,9 @@ class UpdateSignal:
 
     async def wait(self, after: int, timeout: float) -> int:
         """The current version as soon as it is past `after`; the unchanged version on timeout or wake."""
+        if math.isnan(timeout):
+            # It would never pass and never come due: each timer set for it would fire at once, for ever.
+            raise ValueError("UpdateSignal.wait: the timeout is NaN")
         deadline = self._clock.monotonic() + timeout
         wakes = self._wakes
         loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ order matching) run inside the update, before any waiter sees it."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -132,3 +133,15 @@ async def test_every_waiter_wakes_once_per_bump_and_a_timeout_touches_only_its_o
         timers = [h for h in asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
                   if not h.cancelled() and getattr(h, "_callback", None) is clock_wake]
         assert timers == []
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["sim-clock", "live-clock"])
+async def test_a_nan_timeout_is_refused_not_spun_on(live: bool) -> None:
+    """A NaN deadline never comes due and never passes: a timer set for it fires at once, again and
+    again (a busy loop on a live clock, an `advance` that never returns on a simulated one). Refused."""
+    from core.clock import LiveClock
+
+    signal = UpdateSignal(LiveClock() if live else SimClock())
+    with pytest.raises(ValueError, match="NaN"):
+        await asyncio.wait_for(signal.wait(0, math.nan), 2.0)
+    assert signal._waiters == set()
