@@ -388,20 +388,13 @@ class BaseEngine:
                     intent = dataclasses.replace(intent, amount=quantize_down(held.amount, step))
                     if intent.amount <= 0:
                         return None
-            has_position = intent.symbol in self.positions
-            # An entry counts the entries in doubt too (see `open_position_count`); an exit never needs to.
-            open_positions = (len(self.positions) if intent.reduce_only or not self._entries_in_doubt
-                              else self.open_position_count())
+            # An entry counts the entries in doubt too (see `open_position_count`; the engines have pruned
+            # the settled ones in `room_for_entry` before deciding to enter); an exit never needs to.
+            open_positions = len(self.positions) if intent.reduce_only else self.open_position_count()
             decision = self.ctx.gate.check(
-                intent, equity=self.ctx.equity(), open_positions=open_positions, has_position=has_position,
+                intent, equity=self.ctx.equity(), open_positions=open_positions,
+                has_position=intent.symbol in self.positions,
             )
-            if not decision.allowed and decision.rule == "max-positions" and open_positions > len(self.positions):
-                # Entries in doubt fill the room: forget those that settled (one ledger read), then ask again.
-                await self.prune_entries_in_doubt()
-                open_positions = self.open_position_count()
-                decision = self.ctx.gate.check(
-                    intent, equity=self.ctx.equity(), open_positions=open_positions, has_position=has_position,
-                )
             if not decision.allowed:
                 self.counters.denied += 1
                 self._note_denial(intent, decision.rule, decision.reason)

@@ -84,8 +84,8 @@ class NextBar:
     volumes: list[float]  # the volumes the next reading averages
     state: tuple[float, float, float, float]  # EMA fast, EMA slow, RSI gain and loss after `closes`
     avg_volume: float
-    closes_raw: bytes = b""  # `closes` as float64 bytes
-    volumes_raw: bytes = b""  # `volumes` as float64 bytes
+    closes_raw: bytes  # `closes` as float64 bytes
+    volumes_raw: bytes  # `volumes` as float64 bytes
 
 
 def evaluate(candles: CandleSeries, p: MomentumParams, ahead: NextBar | None = None) -> MomentumReading:

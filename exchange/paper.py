@@ -111,8 +111,10 @@ class _PaperOrder:
     @property
     def filled(self) -> Decimal:
         fills = self.fills
-        if not fills:
-            return ZERO  # a new order, on the order path: skip sum()'s generator
+        # A new order, or a market order's one fill (on the order path): no generator for sum(), whose
+        # result ZERO + amount is.
+        if len(fills) <= 1:
+            return ZERO + fills[0].amount if fills else ZERO
         return sum((f.amount for f in fills), ZERO)
 
     @property
@@ -120,9 +122,7 @@ class _PaperOrder:
         return self.request.amount - self.filled
 
     def update(self) -> OrderUpdate:
-        fills = self.fills
-        # One fill (a market order's) spares sum()'s generator; ZERO + amount is exactly what sum() gives.
-        filled = ZERO + fills[0].amount if len(fills) == 1 else self.filled
+        filled = self.filled
         avg: Decimal | None = None
         if filled > 0:
             value = ZERO
@@ -523,7 +523,7 @@ class PaperExchange:
 
     def _check_taker_funds(self, req: OrderRequest, price: Decimal, info: MarketInfo) -> None:
         asset, need = self._cost(req.side, req.amount, price, self._taker_pct, info)
-        free = self._balances.get(asset, ZERO) - self._locked.get(asset, ZERO)  # (_free, on the order path)
+        free = self._free(asset)
         if need > free:
             raise InsufficientFunds(f"{req.symbol} {req.side}: needs {need} {asset}, free {free}")
 

@@ -71,8 +71,8 @@ class LoggedRow:
     row: dict[str, Any]
 
 
-_SCALARS = (str, int, float, bool, type(None))
-_EXACT_SCALARS = frozenset(_SCALARS)  # for `put`: subclasses (an IntEnum, numpy's str_) are refused
+# What a record's values may be, exactly: subclasses (an IntEnum, numpy's str_) are refused too.
+_EXACT_SCALARS = frozenset((str, int, float, bool, type(None)))
 Row = tuple[str | int | float | None, ...]  # what a record holds: plain values, which marshal takes
 
 
